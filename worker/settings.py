@@ -1,0 +1,154 @@
+"""Process settings from the environment (DESIGN §2), validated once at start."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from typing import Annotated, Any, NoReturn
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Channels kod.mobi knows; `email` reaches email addresses, the rest phones.
+CHANNELS = ("sms", "whatsapp", "telegram", "email")
+PHONE_CHANNELS = ("telegram", "whatsapp", "sms")
+
+
+def normalise_database_url(url: str) -> str:
+    """Accept the spellings platforms hand out and point SQLAlchemy at psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url.startswith("postgresql+psycopg://"):
+        return url
+    raise ValueError("must start with postgres://, postgresql:// or postgresql+psycopg://")
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class DatabaseSettings(BaseSettings):
+    """What `alembic upgrade head` (the release process) needs, and nothing more."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", hide_input_in_errors=True)
+
+    database_url: str = Field(alias="DATABASE_URL", repr=False)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+
+class Settings(DatabaseSettings):
+    """Everything the web, worker and clock processes read from the environment."""
+
+    redis_url: str = Field(alias="REDIS_URL", repr=False)
+    kodmobi_api_key: SecretStr = Field(alias="KODMOBI_API_KEY", min_length=1)
+    kodmobi_base_url: str = Field("https://api.kod.mobi", alias="KODMOBI_BASE_URL")
+    public_base_url: str = Field(alias="PUBLIC_BASE_URL")
+    callback_secret: SecretStr = Field(alias="CALLBACK_SECRET", min_length=16)
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, alias="API_TOKENS"
+    )
+    code_key: SecretStr = Field(alias="CODE_KEY", min_length=16)
+    default_channels: Annotated[tuple[str, ...], NoDecode] = Field(
+        PHONE_CHANNELS, alias="DEFAULT_CHANNELS"
+    )
+    delivery_timeout_s: float = Field(60.0, alias="DELIVERY_TIMEOUT_S", gt=0)
+    code_ttl_s: float = Field(300.0, alias="CODE_TTL_S", gt=0)
+    log_format: str = Field("json", alias="LOG_FORMAT", pattern="^(json|console)$")
+    log_level: str = Field(
+        "INFO", alias="LOG_LEVEL", pattern="^(?i)(debug|info|warning|error|critical)$"
+    )
+
+    # Tuning knobs beyond the contract; the defaults suit the Procfile.
+    kodmobi_connect_timeout_s: float = Field(3.0, alias="KODMOBI_CONNECT_TIMEOUT_S", gt=0)
+    kodmobi_read_timeout_s: float = Field(10.0, alias="KODMOBI_READ_TIMEOUT_S", gt=0)
+    kodmobi_max_concurrency: int = Field(64, alias="KODMOBI_MAX_CONCURRENCY", ge=1)
+    broker_namespace: str = Field("dramatiq", alias="BROKER_NAMESPACE", min_length=1)
+    sweep_interval_s: float = Field(1.0, alias="SWEEP_INTERVAL_S", gt=0)
+    retry_max_backoff_s: float = Field(30.0, alias="RETRY_MAX_BACKOFF_S", gt=0)
+    recipient_limit: int = Field(5, alias="RECIPIENT_LIMIT", ge=0)
+    recipient_window_s: float = Field(600.0, alias="RECIPIENT_WINDOW_S", gt=0)
+    channel_cooldown_s: float = Field(60.0, alias="CHANNEL_COOLDOWN_S", ge=0)
+    db_pool_size: int = Field(20, alias="DB_POOL_SIZE", ge=1)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("kodmobi_base_url", "public_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("default_channels", mode="before")
+    @classmethod
+    def _channels_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("default_channels")
+    @classmethod
+    def _channels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [c for c in value if c not in PHONE_CHANNELS]
+        if unknown or not value or len(set(value)) != len(value):
+            raise ValueError(f"must be distinct names among {', '.join(PHONE_CHANNELS)}")
+        return value
+
+
+class SettingsError(SystemExit):
+    """A required setting is missing or malformed; the message names the variable."""
+
+
+def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
+    aliases = {name: (f.alias or name).upper() for name, f in model.model_fields.items()}
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        variable = aliases.get(field, field.upper())
+        if error["type"] == "missing":
+            problems.append(f"{variable} is missing")
+        else:
+            # The message never carries the input: secrets stay out of it.
+            problems.append(f"{variable} is malformed ({error['msg']})")
+    return "kodmobi: bad settings: " + "; ".join(problems)
+
+
+def _load(model: type[DatabaseSettings]) -> Any:
+    try:
+        return model()
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc, model)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; a bad environment stops the process here."""
+    settings: Settings = _load(Settings)
+    return settings
+
+
+def get_database_url() -> str:
+    """Just DATABASE_URL, for migrations, which need nothing else."""
+    settings: DatabaseSettings = _load(DatabaseSettings)
+    return settings.database_url
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the process with one line on stderr."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
