@@ -83,15 +83,22 @@ def _redact(value: Any, key: str | None = None) -> Any:
         lowered = key.lower()
         if lowered in SECRET_KEYS:
             return REDACTED
-        if lowered in RECIPIENT_KEYS and isinstance(value, str):
-            return mask_recipient(value)
+        # kod.mobi's older API takes phone numbers as numbers: mask those too.
+        recipient = isinstance(value, str | int) and not isinstance(value, bool)
+        if lowered in RECIPIENT_KEYS and recipient:
+            return mask_recipient(str(value))
     if isinstance(value, str):
         return scrub_text(value)
     if isinstance(value, Mapping):
         return {k: _redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         return [_redact(v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return scrub_text(bytes(value).decode("utf-8", "replace"))
+    # Anything else (an exception, a URL, a model) would be rendered by its repr: scrub that.
+    return scrub_text(repr(value))
 
 
 def redact(
