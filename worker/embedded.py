@@ -73,8 +73,17 @@ class EmbeddedPostgres:
             "-c full_page_writes=off -c shared_buffers=128MB"
         )
         self._exec(
-            "pg_ctl", "-w", "-t", "60", "-o", options, "-l", str(self.pgdata / "log"),
-            "-D", str(self.pgdata), "start",
+            "pg_ctl",
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "-l",
+            str(self.pgdata / "log"),
+            "-D",
+            str(self.pgdata),
+            "start",
         )
         wait_for_port(self.port)
         return self.url
@@ -122,11 +131,27 @@ class EmbeddedRedis:
         log = open(self.root / "redis.log", "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(  # noqa: S603 - fixed argv
             [
-                redis_executable(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.root), "--save", "", "--appendonly", "yes",
-                "--appendfsync", "always", "--daemonize", "no", "--protected-mode", "yes",
+                redis_executable(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.root),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
             ],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         wait_for_port(self.port)

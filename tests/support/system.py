@@ -1,0 +1,226 @@
+"""The whole system inside the test process: a fresh migrated database, the sandbox, the web
+app on a loopback socket, a real Dramatiq worker on Redis, and the sweeper."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import dramatiq
+import httpx
+import psycopg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+from tests.support.servers import serve
+from worker.embedded import free_port
+from worker.settings import normalise_database_url
+
+API_KEY = "sandbox-test-key-0123456789"
+API_TOKEN = "test-token-abcdefghijklmnop"
+CALLBACK_SECRET = "callback-secret-0123456789abcdef"
+CODE_KEY = "code-key-0123456789abcdef0123456789"
+FINAL = {"delivered", "failed", "expired", "rejected"}
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, empty, migrated database on `server_url`'s server; dropped afterwards."""
+    url = make_url(normalise_database_url(server_url))
+    name = f"kodmobi_test_{uuid.uuid4().hex[:10]}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    db_url = url.set(database=name).render_as_string(hide_password=False)
+    migrate(db_url)
+    try:
+        yield db_url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def alembic_config(db_url: str) -> Config:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = Config(os.path.join(root, "alembic.ini"))
+    config.attributes["database_url"] = db_url
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def migrate(db_url: str) -> None:
+    command.upgrade(alembic_config(db_url), "head")
+
+
+@dataclass
+class System:
+    db_url: str
+    redis_url: str
+    sandbox_url: str
+    web_url: str
+    broker: Any
+    service: Any
+    api: httpx.Client
+    sandbox: httpx.Client
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def send_raw(self, **kwargs: Any) -> str:
+        """Enqueue `send_code` as a producer would, without importing our actors."""
+        message = dramatiq.Message(
+            queue_name="kodmobi", actor_name="send_code", args=(), kwargs=kwargs, options={}
+        )
+        self.broker.enqueue(message)
+        return message.message_id
+
+    def message(self, message_id: str) -> dict[str, Any]:
+        response = self.api.get(f"/v1/messages/{message_id}")
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def by_key(self, key: str) -> dict[str, Any] | None:
+        response = self.api.get("/v1/messages", params={"idempotency_key": key})
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def wait_final(self, message_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.message(message_id)
+            if found["status"] in FINAL:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"message not final after {timeout_s}s: {found}")
+            time.sleep(0.05)
+
+    def wait_key_final(self, key: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.by_key(key)
+            if found is not None and found["status"] in FINAL:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"message {key} not final after {timeout_s}s: {found}")
+            time.sleep(0.05)
+
+    def sandbox_sends(self, to: str) -> list[dict[str, Any]]:
+        response = self.sandbox.get("/sandbox/messages", params={"to": to})
+        response.raise_for_status()
+        sends: list[dict[str, Any]] = response.json()["messages"]
+        return sends
+
+
+def unique_phone() -> str:
+    """A valid phone number nobody else in this run uses (never a magic sandbox number)."""
+    return f"+79991{uuid.uuid4().int % 10**6:06d}"
+
+
+def magic_phone(telegram: int, whatsapp: int = 0, sms: int = 0) -> str:
+    """A sandbox magic number: two digits of outcome per channel (docs/sandbox.md)."""
+    return f"+79990{telegram:02d}{whatsapp:02d}{sms:02d}"
+
+
+@contextmanager
+def running_system(
+    pg_server_url: str,
+    redis_url: str,
+    *,
+    delivery_timeout_s: float = 2.0,
+    sweep_interval_s: float = 0.2,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[System]:
+    from worker.sandbox.app import create_app as create_sandbox
+    from worker.sandbox.config import SandboxConfig
+
+    with ExitStack() as stack:
+        db_url = stack.enter_context(fresh_database(pg_server_url))
+        sandbox_url = stack.enter_context(
+            serve(create_sandbox(SandboxConfig(api_key=API_KEY, callback_delay_ms=20)))
+        )
+        web_port = free_port()
+        env = {
+            "DATABASE_URL": db_url,
+            "REDIS_URL": redis_url,
+            "KODMOBI_API_KEY": API_KEY,
+            "KODMOBI_BASE_URL": sandbox_url,
+            "PUBLIC_BASE_URL": f"http://127.0.0.1:{web_port}",
+            "CALLBACK_SECRET": CALLBACK_SECRET,
+            "API_TOKENS": f"other-token-zzzzzzzz,{API_TOKEN}",
+            "CODE_KEY": CODE_KEY,
+            "DELIVERY_TIMEOUT_S": str(delivery_timeout_s),
+            "BROKER_NAMESPACE": f"kodmobi-test-{uuid.uuid4().hex[:8]}",
+            "RECIPIENT_LIMIT": "0",
+            "CHANNEL_COOLDOWN_S": "0",
+            "KODMOBI_READ_TIMEOUT_S": "5",
+            "LOG_LEVEL": "INFO",
+            **(extra_env or {}),
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        stack.callback(_restore_env, saved)
+
+        from worker.settings import get_settings
+
+        get_settings.cache_clear()
+        from worker import actors
+
+        broker = actors.broker
+        service = actors.service()
+        from worker.web.app import create_app
+
+        web_url = stack.enter_context(serve(create_app(), port=web_port))
+        worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=50)
+        worker.start()
+        stack.callback(worker.stop)
+
+        stop = threading.Event()
+
+        def sweep_forever() -> None:
+            while not stop.is_set():
+                try:
+                    service.sweep()
+                except Exception:  # noqa: BLE001 - keep sweeping, as the clock process does
+                    pass
+                stop.wait(sweep_interval_s)
+
+        sweeper = threading.Thread(target=sweep_forever, daemon=True)
+        sweeper.start()
+        stack.callback(sweeper.join, 5)
+        stack.callback(stop.set)
+
+        api = stack.enter_context(
+            httpx.Client(
+                base_url=web_url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10
+            )
+        )
+        sandbox = stack.enter_context(
+            httpx.Client(base_url=sandbox_url, headers={"x-api-key": API_KEY}, timeout=10)
+        )
+        yield System(
+            db_url=db_url,
+            redis_url=redis_url,
+            sandbox_url=sandbox_url,
+            web_url=web_url,
+            broker=broker,
+            service=service,
+            api=api,
+            sandbox=sandbox,
+        )
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,0 +1,102 @@
+"""Thin Dramatiq actors: take the message, call the service, never lose or loop on bad input.
+
+`dramatiq worker.actors` imports this module: the broker is set up from the
+environment right here, before the actors bind to it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+from pydantic import ValidationError
+
+from worker.broker import QUEUE, setup_broker
+from worker.logging import get_logger
+from worker.runtime import configure_process_logging, get_runtime
+from worker.schemas import SendRequest, describe_errors
+from worker.service import IdempotencyConflict, RateLimited, Service
+from worker.settings import get_settings
+
+settings = get_settings()
+configure_process_logging(settings)
+broker = setup_broker(settings.redis_url, settings.broker_namespace)
+log = get_logger("worker.actors")
+
+#: Unexpected errors (database or Redis away) are retried with backoff for about an
+#: hour; the sweeper covers anything that still slips through for deliveries.
+RETRY_OPTIONS: dict[str, Any] = {
+    "max_retries": 120,
+    "min_backoff": 250,
+    "max_backoff": 30_000,
+    "time_limit": 120_000,
+}
+
+
+def dispatch(attempt_id: str, delay_s: float = 0.0) -> None:
+    """Hand an attempt to a worker, now or after `delay_s`."""
+    delay_ms = int(delay_s * 1000)
+    deliver_attempt.send_with_options(args=(attempt_id,), delay=delay_ms or None)
+
+
+@functools.cache
+def service() -> Service:
+    return Service(get_runtime(), dispatch)
+
+
+@dramatiq.actor(actor_name="send_code", queue_name=QUEUE, **RETRY_OPTIONS)
+def send_code(*args: Any, **kwargs: Any) -> None:
+    """Intake from a Dramatiq producer, then deliver the first attempt in this same run.
+
+    Takes anything, so that a malformed message is recorded as `rejected` with a
+    reason instead of failing in Dramatiq's own call (and being retried)."""
+    current = CurrentMessage.get_current_message()
+    key: Any = kwargs.pop("idempotency_key", None)
+    if key is None and current is not None:
+        key = current.message_id
+    svc = service()
+    if not isinstance(key, str) or not 1 <= len(key) <= 255:
+        fallback_key = current.message_id if current is not None else "unknown"
+        svc.reject(
+            idempotency_key=fallback_key,
+            source="dramatiq",
+            reason="idempotency_key: must be a string of 1 to 255 characters",
+            raw_to=kwargs.get("to"),
+        )
+        return
+    if args:
+        svc.reject(
+            idempotency_key=key,
+            source="dramatiq",
+            reason="positional arguments are not accepted: pass keyword arguments",
+            raw_to=kwargs.get("to"),
+        )
+        return
+    try:
+        request = SendRequest.model_validate(kwargs)
+    except ValidationError as exc:
+        svc.reject(
+            idempotency_key=key,
+            source="dramatiq",
+            reason=describe_errors(exc),
+            raw_to=kwargs.get("to"),
+        )
+        return
+    try:
+        result = svc.intake(request, idempotency_key=key, source="dramatiq")
+    except IdempotencyConflict as exc:
+        log.warning("message.idempotency_conflict", message_id=exc.message_id)
+        return
+    except RateLimited as exc:
+        svc.reject(idempotency_key=key, source="dramatiq", reason=exc.reason, raw_to=request.to)
+        return
+    if result.attempt_id is not None:
+        svc.deliver(result.attempt_id)
+
+
+@dramatiq.actor(actor_name="deliver_attempt", queue_name=QUEUE, **RETRY_OPTIONS)
+def deliver_attempt(attempt_id: str) -> None:
+    """Deliver one attempt (a fallback, a retry, or a re-dispatch by the sweeper)."""
+    service().deliver(attempt_id)

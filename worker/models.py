@@ -1,0 +1,160 @@
+"""SQLAlchemy 2.0 models of messages, attempts and callback events (DESIGN §4)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from worker.delivery import ATTEMPT_STATUSES, MESSAGE_STATUSES
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+Timestamp = DateTime(timezone=True)
+
+
+class Message(Base):
+    """One code to deliver to one recipient, over a chain of channels."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        CheckConstraint(_in("status", MESSAGE_STATUSES), name="status"),
+        Index("ix_messages_recipient_created", "recipient", "created_at"),
+        Index(
+            "ix_messages_open_expires",
+            "expires_at",
+            postgresql_where=text("status IN ('queued', 'sending', 'sent')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    #: HMAC of the normalised request: the same key with another body is a conflict.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))
+    recipient: Mapped[str] = mapped_column(Text)
+    recipient_kind: Mapped[str] = mapped_column(String(8))
+    channels: Mapped[list[str]] = mapped_column(ARRAY(String(16)))
+    provider_id: Mapped[int | None] = mapped_column(Integer)
+    #: AES-GCM ciphertext under CODE_KEY; NULL only for rejected input.
+    code_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    check_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    verified_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    meta: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, default=dict, server_default=text("'{}'::jsonb")
+    )
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        Timestamp, server_default=func.now(), onupdate=func.now()
+    )
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    attempts: Mapped[list[Attempt]] = relationship(
+        back_populates="message", order_by="Attempt.seq", lazy="select"
+    )
+
+
+class Attempt(Base):
+    """One try of one channel for a message; kod.mobi's `message_id` once accepted."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (
+        UniqueConstraint("message_id", "seq", name="uq_attempts_message_seq"),
+        CheckConstraint(_in("status", ATTEMPT_STATUSES), name="status"),
+        Index("ix_attempts_queued_due", "next_try_at", postgresql_where=text("status = 'queued'")),
+        Index(
+            "ix_attempts_open_deadline",
+            "deadline",
+            postgresql_where=text("status IN ('sending', 'accepted')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(16))
+    provider_id: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    #: Why this attempt ended the way it did (and why the next one exists).
+    reason: Mapped[str | None] = mapped_column(Text)
+    kodmobi_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    kodmobi_code: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    tries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_try_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    #: When the attempt was last handed to the broker; the sweeper re-dispatches stale ones.
+    dispatched_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: Past this, an attempt in `sending`/`accepted` has timed out.
+    deadline: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        Timestamp, server_default=func.now(), onupdate=func.now()
+    )
+    sent_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    accepted_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+    message: Mapped[Message] = relationship(back_populates="attempts", lazy="raise")
+
+
+class CallbackEvent(Base):
+    """A callback as kod.mobi sent it; one row per (attempt, status word), repeats counted."""
+
+    __tablename__ = "callback_events"
+    __table_args__ = (
+        UniqueConstraint("attempt_id", "status_word", name="uq_callback_events_attempt_status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    attempt_id: Mapped[str] = mapped_column(ForeignKey("attempts.id", ondelete="CASCADE"))
+    received_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    method: Mapped[str] = mapped_column(String(8))
+    content_type: Mapped[str | None] = mapped_column(Text)
+    raw_body: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    #: The status word as sent (lower-cased), `""` when there was none.
+    status_word: Mapped[str] = mapped_column(String(64))
+    #: delivered | failed | progress | unknown
+    parsed_status: Mapped[str] = mapped_column(String(16))
+    kodmobi_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    applied: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Why it was or was not applied.
+    outcome: Mapped[str] = mapped_column(Text)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

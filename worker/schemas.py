@@ -1,0 +1,178 @@
+"""The producer request (DESIGN §3 input rules) and the views we answer with."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+import phonenumbers
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from worker.settings import PHONE_CHANNELS
+
+Channel = Literal["sms", "whatsapp", "telegram", "email"]
+
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+MAX_METADATA_BYTES = 4096
+MAX_TTL_S = 86400
+
+
+def normalise_recipient(raw: str) -> tuple[str, str]:
+    """`(recipient, kind)`: an E.164 phone (`7…`/`8…` become `+7…`) or a lower-cased email."""
+    value = raw.strip()
+    if "@" in value:
+        if len(value) > 254 or not _EMAIL.match(value):
+            raise PydanticCustomError("email", "not a valid email address")
+        local, _, domain = value.rpartition("@")
+        return f"{local}@{domain.lower()}", "email"
+    digits = value.replace(" ", "").replace("-", "").replace("(", "").replace(")", "")
+    # kod.mobi's older API takes Russian numbers written 7XXXXXXXXXX or 8XXXXXXXXXX.
+    if re.fullmatch(r"[78]\d{10}", digits):
+        digits = "+7" + digits[1:]
+    if not re.fullmatch(r"\+\d{8,15}", digits):
+        raise PydanticCustomError(
+            "phone", "not an E.164 phone number (+ and 8 to 15 digits) or an email address"
+        )
+    try:
+        number = phonenumbers.parse(digits, None)
+    except phonenumbers.NumberParseException:
+        raise PydanticCustomError("phone", "not a phone number") from None
+    if not phonenumbers.is_valid_number(number):
+        raise PydanticCustomError("phone", "not a valid phone number")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), "phone"
+
+
+class SendRequest(BaseModel):
+    """One code to send; the same shape over HTTP, Dramatiq and Python."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    to: str = Field(description="E.164 phone number or email address", max_length=320)
+    channels: list[Channel] | None = Field(
+        None, description="fallback chain, first channel first", min_length=1, max_length=4
+    )
+    code: str | None = Field(None, description="4 to 6 digits; drawn when absent")
+    provider_id: int | None = Field(None, ge=1, le=2**31 - 1)
+    ttl_s: int | None = Field(None, ge=10, le=MAX_TTL_S, description="code lifetime, seconds")
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, value: str) -> str:
+        return normalise_recipient(value)[0]
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None:
+            return None
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("channels", "channels must not repeat")
+        to = info.data.get("to")
+        if to is not None:
+            is_email = "@" in to
+            wrong = [c for c in value if (c == "email") != is_email]
+            if wrong:
+                kind = "email addresses" if is_email else "phone numbers"
+                allowed = "email" if is_email else ", ".join(PHONE_CHANNELS)
+                raise PydanticCustomError(
+                    "channels",
+                    "{wrong} cannot reach {kind}; use {allowed}",
+                    {"wrong": ", ".join(wrong), "kind": kind, "allowed": allowed},
+                )
+        return value
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _code(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not re.fullmatch(r"\d{4,6}", value):
+            raise PydanticCustomError("code", "code must be a string of 4 to 6 digits")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value, default=str)) > MAX_METADATA_BYTES:
+            raise PydanticCustomError("metadata", "metadata over 4096 bytes")
+        return value
+
+    def recipient_kind(self) -> str:
+        return "email" if "@" in self.to else "phone"
+
+    def chain(self, default_channels: tuple[str, ...]) -> list[str]:
+        if self.channels:
+            return list(self.channels)
+        return ["email"] if self.recipient_kind() == "email" else list(default_channels)
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line naming each bad field, never echoing the input (it may hold a code)."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{field}: {error['msg']}")
+    return "; ".join(parts)
+
+
+class AttemptView(BaseModel):
+    id: str
+    seq: int
+    channel: str
+    status: str
+    reason: str | None
+    error_code: str | None
+    http_status: int | None
+    kodmobi_message_id: int | None
+    tries: int
+    created_at: datetime
+    sent_at: datetime | None
+    accepted_at: datetime | None
+    finished_at: datetime | None
+    deadline: datetime | None
+
+
+class MessageView(BaseModel):
+    id: str
+    idempotency_key: str
+    status: str
+    to: str
+    channels: list[str]
+    failure_reason: str | None
+    expires_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None
+    metadata: dict[str, Any] = {}
+    attempts: list[AttemptView] = []
+
+
+class AcceptedView(BaseModel):
+    id: str
+    status: str
+    channels: list[str]
+    expires_at: datetime
+
+
+class CheckRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(pattern=r"^\d{4,6}$", description="the code the user typed")
+
+
+class CheckResult(BaseModel):
+    valid: bool
+    reason: str | None = None

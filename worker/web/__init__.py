@@ -1,0 +1,1 @@
+"""The HTTP side: producer API (/v1), kod.mobi callbacks, health."""

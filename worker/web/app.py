@@ -1,0 +1,49 @@
+"""The `web` process: `uvicorn --factory worker.web.app:create_app`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from worker.service import Service
+from worker.web import api, callbacks
+
+
+def create_app(service: Service | None = None) -> FastAPI:
+    """Build the app; without a service, one is built from the environment (and the
+    process stops here, with one line, if a setting is missing)."""
+    if service is None:
+        from worker import actors  # sets up the broker from the same settings
+
+        service = actors.service()
+        redis_client = actors.broker.client
+    else:
+        redis_client = service.rt.extras.get("redis")
+
+    app = FastAPI(
+        title="kodmobi-worker",
+        version="0.1.0",
+        description="Send one-time codes through kod.mobi, with channel fallback.",
+    )
+    app.state.service = service
+    app.state.api_tokens = [t.get_secret_value().encode() for t in service.settings.api_tokens]
+    app.state.redis_ping = (lambda: redis_client.ping()) if redis_client is not None else _no_redis
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the input back; it may hold a code. Name fields only.
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    app.include_router(api.router)
+    app.include_router(api.health)
+    app.include_router(callbacks.router)
+    return app
+
+
+def _no_redis() -> None:
+    raise RuntimeError("no redis configured")

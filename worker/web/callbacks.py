@@ -1,0 +1,140 @@
+"""kod.mobi's delivery callbacks (DESIGN §6): authenticated by the token in the URL."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from worker.logging import get_logger
+from worker.security import verify_callback_token
+from worker.service import CallbackData, Service
+
+router = APIRouter(tags=["callbacks"])
+log = get_logger("worker.callbacks")
+
+MAX_BODY_BYTES = 64 * 1024
+_HEADERS_KEPT = ("content-type", "user-agent", "x-forwarded-for", "x-request-id")
+
+
+class Unreadable(Exception):
+    pass
+
+
+def _reply(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None when it is over MAX_BODY_BYTES (checked before reading all of it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > MAX_BODY_BYTES:
+                return None
+        except ValueError:
+            raise Unreadable("bad content-length") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _fields(request: Request, body: bytes) -> dict[str, Any]:
+    """Query string, overlaid with a JSON or form body when there is one."""
+    fields: dict[str, Any] = dict(request.query_params)
+    if request.method == "GET" or not body.strip():
+        return fields
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        request._body = body  # let Starlette parse what we already read
+        form = await request.form()
+        fields.update({k: v for k, v in form.items() if isinstance(v, str)})
+        return fields
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Unreadable("body is not UTF-8") from None
+    if content_type == "application/x-www-form-urlencoded":
+        fields.update(parse_qsl(text, keep_blank_values=True))
+        return fields
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        if content_type.endswith("json"):
+            raise Unreadable("malformed JSON") from None
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False)
+        if not pairs:
+            raise Unreadable("neither JSON nor a form") from None
+        fields.update(pairs)
+        return fields
+    if not isinstance(parsed, dict):
+        raise Unreadable("JSON body is not an object")
+    fields.update(parsed)
+    return fields
+
+
+def _status_word(fields: dict[str, Any]) -> str:
+    value = fields.get("status", fields.get("state"))
+    if value is None or isinstance(value, dict | list):
+        return ""
+    return str(value).strip().lower()[:64]
+
+
+def _message_id(fields: dict[str, Any]) -> int | None:
+    value = fields.get("message_id")
+    if isinstance(value, bool):
+        return None
+    try:
+        number = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if -(2**63) <= number < 2**63 else None
+
+
+@router.api_route(
+    "/callbacks/kodmobi/{attempt_id}/{token}",
+    methods=["GET", "POST"],
+    responses={
+        200: {"description": "stored (and applied when it moves the attempt forward)"},
+        400: {"description": "unreadable body"},
+        404: {"description": "unknown attempt or wrong token"},
+        413: {"description": "body over 64 KiB"},
+    },
+)
+async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSONResponse:
+    """A delivery status for one attempt. A wrong token changes nothing."""
+    service: Service = request.app.state.service
+    secret = service.settings.callback_secret.get_secret_value()
+    if len(attempt_id) > 64 or not verify_callback_token(secret, attempt_id, token):
+        log.warning("callback.rejected", attempt_id=attempt_id[:64], reason="bad token")
+        return _reply(404, "not found")
+    try:
+        body = await _read_body(request)
+        if body is None:
+            log.warning("callback.rejected", attempt_id=attempt_id, reason="too large")
+            return _reply(413, "body over 64 KiB")
+        fields = await _fields(request, body)
+    except Unreadable as exc:
+        log.warning("callback.rejected", attempt_id=attempt_id, reason=str(exc))
+        return _reply(400, f"unreadable callback: {exc}")
+    data = CallbackData(
+        method=request.method,
+        content_type=request.headers.get("content-type"),
+        raw_body=body.decode("utf-8", "replace") if body else str(request.url.query),
+        headers={k: v for k, v in request.headers.items() if k in _HEADERS_KEPT},
+        status_word=_status_word(fields),
+        kodmobi_message_id=_message_id(fields),
+    )
+    outcome = await run_in_threadpool(service.apply_callback, attempt_id, data)
+    if outcome is None:
+        return _reply(404, "not found")
+    return JSONResponse({"ok": True, "outcome": outcome})
