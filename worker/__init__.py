@@ -1,0 +1,81 @@
+"""kodmobi-worker's producer API for Python services sharing this code base.
+
+    from worker import send_code, check_code
+    accepted = send_code("+79522966236", channels=["telegram", "sms"])
+    check_code(accepted.id, "123456").valid
+
+Both read the environment (DESIGN §2) on first use; importing this package does not.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.schemas import AcceptedView, CheckResult
+
+__all__ = ["IdempotencyConflict", "InvalidRequest", "RateLimited", "check_code", "send_code"]
+
+
+class InvalidRequest(ValueError):
+    """The request breaks DESIGN §3's input rules; the message names each bad field."""
+
+
+def send_code(
+    to: str,
+    *,
+    channels: list[str] | None = None,
+    code: str | None = None,
+    provider_id: int | None = None,
+    ttl_s: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> AcceptedView:
+    """Record a code to send and hand it to a worker; returns at once.
+
+    Raises InvalidRequest, IdempotencyConflict (same key, other request) or RateLimited."""
+    from pydantic import ValidationError
+
+    from worker.actors import service
+    from worker.schemas import SendRequest, describe_errors
+    from worker.service import accepted_view
+
+    fields = {
+        "to": to,
+        "channels": channels,
+        "code": code,
+        "provider_id": provider_id,
+        "ttl_s": ttl_s,
+        "metadata": metadata,
+    }
+    try:
+        request = SendRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise InvalidRequest(describe_errors(exc)) from None
+    svc = service()
+    result = svc.intake(request, idempotency_key=idempotency_key, source="python")
+    if result.created and result.attempt_id is not None:
+        svc.hand_off(result.attempt_id)
+    return accepted_view(result.message)
+
+
+def check_code(message_id: str, code: str) -> CheckResult:
+    """Is `code` the one sent for `message_id`? Constant-time; at most 5 checks."""
+    from worker.actors import service
+    from worker.schemas import CheckResult
+
+    if not isinstance(code, str) or not code.isdigit() or not 4 <= len(code) <= 6:
+        return CheckResult(valid=False, reason="malformed")
+    result = service().check_code(message_id, code)
+    if result is None:
+        raise LookupError(f"no message {message_id}")
+    return result
+
+
+def __getattr__(name: str) -> Any:
+    # The service's exceptions, without importing the service at package import.
+    if name in ("IdempotencyConflict", "RateLimited"):
+        from worker import service
+
+        return getattr(service, name)
+    raise AttributeError(name)

@@ -1,21 +1,159 @@
-"""The `kodmobi` command: sandbox, dev, demo, sweep, send, status."""
+"""The `kodmobi` command: sandbox, dev, demo, sweep, send, status, migrate."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 Command = Callable[[argparse.Namespace], int]
 
 
-def _lazy(module: str) -> Callable[[argparse.ArgumentParser], Command]:
-    """Subcommands import their module only when chosen: `kodmobi --help` stays instant."""
+# -- kodmobi sweep -------------------------------------------------------------------------
+
+
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--forever", action="store_true", help="sweep every --interval seconds")
+    parser.add_argument(
+        "--interval", type=float, default=None, help="seconds between sweeps (SWEEP_INTERVAL_S)"
+    )
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from worker.actors import log, service, settings
+
+    svc = service()
+    interval = args.interval or settings.sweep_interval_s
+    if not args.forever:
+        report = svc.sweep()
+        print(
+            json.dumps(
+                {
+                    "expired": report.expired,
+                    "timed_out": report.timed_out,
+                    "redispatched": report.redispatched,
+                }
+            )
+        )
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("sweep.started", interval_s=interval)
+    while not stop.is_set():
+        try:
+            svc.sweep()
+        except Exception as exc:  # database or Redis away: say so, and keep sweeping
+            log.warning("sweep.failed", error=type(exc).__name__, detail=str(exc)[:300])
+        stop.wait(interval)
+    log.info("sweep.stopped")
+    return 0
+
+
+# -- kodmobi send / status -----------------------------------------------------------------
+
+
+def _send_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("to", help="E.164 phone number or email address")
+    parser.add_argument("--channels", help="fallback chain, e.g. telegram,whatsapp,sms")
+    parser.add_argument("--code", help="4 to 6 digits (drawn when absent)")
+    parser.add_argument("--provider-id", type=int)
+    parser.add_argument("--ttl", type=int, dest="ttl_s", help="code lifetime in seconds")
+    parser.add_argument("--idempotency-key")
+    parser.add_argument("--wait", action="store_true", help="wait until the message is final")
+
+
+def _send(args: argparse.Namespace) -> int:
+    import worker
+
+    try:
+        accepted = worker.send_code(
+            args.to,
+            channels=args.channels.split(",") if args.channels else None,
+            code=args.code,
+            provider_id=args.provider_id,
+            ttl_s=args.ttl_s,
+            idempotency_key=args.idempotency_key,
+        )
+    except (worker.InvalidRequest, worker.IdempotencyConflict, worker.RateLimited) as exc:
+        print(f"kodmobi: not sent: {exc}", file=sys.stderr)
+        return 2
+    print(f"{accepted.id}  {accepted.status}  channels={','.join(accepted.channels)}")
+    if not args.wait:
+        return 0
+    from worker.actors import service
+
+    while True:
+        found = service().get(accepted.id)
+        if found is not None and found.status in ("delivered", "failed", "expired", "rejected"):
+            print(format_message(found.model_dump(mode="json")))
+            return 0 if found.status == "delivered" else 1
+        time.sleep(0.2)
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", help="message id, or an idempotency key with --key")
+    parser.add_argument("--key", action="store_true", help="look up by idempotency key")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from worker.actors import service
+
+    found = service().find(args.id) if args.key else service().get(args.id)
+    if found is None:
+        print(f"kodmobi: no message {args.id}", file=sys.stderr)
+        return 1
+    data = found.model_dump(mode="json")
+    print(json.dumps(data, indent=2) if args.json else format_message(data))
+    return 0
+
+
+def format_message(m: dict[str, Any]) -> str:
+    """A message and its attempts, for a person at a terminal."""
+    from worker.logging import mask_recipient
+
+    lines = [
+        f"message {m['id']}  to {mask_recipient(m['to'])}  status {m['status'].upper()}"
+        + (f"  ({m['failure_reason']})" if m.get("failure_reason") else ""),
+        f"  chain {' -> '.join(m['channels']) or '-'}   expires {m['expires_at']}",
+    ]
+    for a in m.get("attempts", []):
+        detail = a.get("reason") or ""
+        kid = a.get("kodmobi_message_id")
+        lines.append(
+            f"  #{a['seq']} {a['channel']:<9} {a['status']:<10} tries={a['tries']}"
+            + (f" kod.mobi id={kid}" if kid else "")
+            + (f"  {detail}" if detail else "")
+        )
+    return "\n".join(lines)
+
+
+# -- kodmobi migrate ---------------------------------------------------------------------
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from worker.migrate import upgrade
+    from worker.settings import get_database_url
+
+    upgrade(get_database_url())
+    return 0
+
+
+# -- the dispatcher ------------------------------------------------------------------------
+
+
+def _module(name: str) -> Callable[[argparse.ArgumentParser], Command]:
+    """Subcommands in their own module: imported only when chosen."""
 
     def register(parser: argparse.ArgumentParser) -> Command:
-        import importlib
-
-        mod = importlib.import_module(module)
+        mod = importlib.import_module(name)
         mod.add_arguments(parser)
         run: Command = mod.run
         return run
@@ -23,8 +161,31 @@ def _lazy(module: str) -> Callable[[argparse.ArgumentParser], Command]:
     return register
 
 
+def _here(
+    add: Callable[[argparse.ArgumentParser], None] | None, run: Command
+) -> Callable[[argparse.ArgumentParser], Command]:
+    def register(parser: argparse.ArgumentParser) -> Command:
+        if add is not None:
+            add(parser)
+        return run
+
+    return register
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
-    "sandbox": ("run the kod.mobi imitation (DESIGN §8)", _lazy("worker.sandbox.cli")),
+    "dev": (
+        "run the whole system on this machine (embedded servers, sandbox)",
+        _module("worker.dev"),
+    ),
+    "demo": ("run the system and send codes that show every path", _module("worker.demo")),
+    "sandbox": ("run the kod.mobi imitation (DESIGN §8)", _module("worker.sandbox.cli")),
+    "sweep": (
+        "re-dispatch lost attempts, time out silent ones, expire old messages",
+        _here(_sweep_arguments, _sweep),
+    ),
+    "send": ("send a code", _here(_send_arguments, _send)),
+    "status": ("show a message and its attempts", _here(_status_arguments, _status)),
+    "migrate": ("apply database migrations (alembic upgrade head)", _here(None, _migrate)),
 }
 
 

@@ -67,6 +67,9 @@ class EmbeddedPostgres:
         server = self._pg()
         self.pgdata.mkdir(parents=True, exist_ok=True)
         server.ensure_pgdata_inited()  # type: ignore[attr-defined]
+        if (self.pgdata / "postmaster.pid").exists():
+            # Left by a run that was killed: stop that server before starting ours.
+            self.stop(mode="immediate")
         options = (
             f"-h 127.0.0.1 -p {self.port} -k {self.pgdata} "
             "-c max_connections=400 -c fsync=off -c synchronous_commit=off "

@@ -3,6 +3,7 @@ app on a loopback socket, a real Dramatiq worker on Redis, and the sweeper."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -15,12 +16,11 @@ from typing import Any
 import dramatiq
 import httpx
 import psycopg
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.engine import make_url
 
 from tests.support.servers import serve
 from worker.embedded import free_port
+from worker.migrate import upgrade as migrate
 from worker.settings import normalise_database_url
 
 API_KEY = "sandbox-test-key-0123456789"
@@ -45,18 +45,6 @@ def fresh_database(server_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def alembic_config(db_url: str) -> Config:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    config = Config(os.path.join(root, "alembic.ini"))
-    config.attributes["database_url"] = db_url
-    config.attributes["configure_logger"] = False
-    return config
-
-
-def migrate(db_url: str) -> None:
-    command.upgrade(alembic_config(db_url), "head")
 
 
 @dataclass
@@ -187,10 +175,8 @@ def running_system(
 
         def sweep_forever() -> None:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(Exception):  # keep sweeping, as the clock does
                     service.sweep()
-                except Exception:  # noqa: BLE001 - keep sweeping, as the clock process does
-                    pass
                 stop.wait(sweep_interval_s)
 
         sweeper = threading.Thread(target=sweep_forever, daemon=True)

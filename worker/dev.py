@@ -1,0 +1,266 @@
+"""`kodmobi dev`: the whole system on one machine — Postgres, Redis, sandbox, web, worker, clock.
+
+Postgres and Redis are embedded (under ./.kodmobi/) unless DATABASE_URL / REDIS_URL
+are set; kod.mobi is the sandbox unless KODMOBI_BASE_URL is set. Secrets that are
+not set are generated once and kept in ./.kodmobi/dev.env (mode 0600).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from worker.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    default_root,
+    free_port,
+    wait_for_port,
+)
+
+#: Dramatiq's consumer sleeps up to this many ms when its queue is empty (default 1000):
+#: a code someone waits for should not wait for a poll.
+WORKER_POLL_MS = "20"
+
+
+@dataclass
+class DevOptions:
+    root: Path = field(default_factory=default_root)
+    web_port: int = 8000
+    worker_processes: int = 2
+    worker_threads: int = 16
+    #: Where each process's output goes: a directory of <name>.log files, or None for ours.
+    log_dir: Path | None = None
+    sandbox_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def _dev_secrets(root: Path) -> dict[str, str]:
+    """Secrets for a dev machine: made once, kept in a private file, never printed."""
+    path = root / "dev.env"
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key and value:
+                values[key] = value
+    wanted = {
+        "KODMOBI_API_KEY": lambda: "sandbox-" + secrets.token_urlsafe(18),
+        "CALLBACK_SECRET": lambda: secrets.token_urlsafe(32),
+        "CODE_KEY": lambda: secrets.token_urlsafe(32),
+        "API_TOKENS": lambda: "dev-" + secrets.token_urlsafe(24),
+    }
+    changed = False
+    for key, make in wanted.items():
+        if key not in values:
+            values[key] = make()
+            changed = True
+    if changed:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.writelines(f"{k}={v}\n" for k, v in values.items())
+    return values
+
+
+class DevSystem:
+    """Starts everything in order, stops everything in reverse; a context manager."""
+
+    def __init__(self, options: DevOptions) -> None:
+        self.options = options
+        self.env: dict[str, str] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.postgres: EmbeddedPostgres | None = None
+        self.redis: EmbeddedRedis | None = None
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.options.web_port}"
+
+    @property
+    def api_token(self) -> str:
+        return self.env["API_TOKENS"].split(",")[0]
+
+    @property
+    def sandbox_url(self) -> str:
+        return self.env["KODMOBI_BASE_URL"]
+
+    def start(self) -> None:
+        opts = self.options
+        opts.root.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        for key, value in _dev_secrets(opts.root).items():
+            env.setdefault(key, value)
+        if not env.get("DATABASE_URL"):
+            self.postgres = EmbeddedPostgres(opts.root / "postgres")
+            env["DATABASE_URL"] = self.postgres.start()
+        if not env.get("REDIS_URL"):
+            self.redis = EmbeddedRedis(opts.root / "redis")
+            env["REDIS_URL"] = self.redis.start()
+        env.setdefault("PUBLIC_BASE_URL", self.api_url)
+        env.setdefault("dramatiq_worker_timeout", WORKER_POLL_MS)
+        env.update(opts.extra_env)
+        self.env = env
+
+        from worker.migrate import upgrade
+
+        upgrade(env["DATABASE_URL"])
+
+        python = sys.executable
+        if not env.get("KODMOBI_BASE_URL"):
+            port = free_port()
+            self._spawn(
+                "sandbox",
+                [
+                    python,
+                    "-m",
+                    "worker.cli",
+                    "sandbox",
+                    "--port",
+                    str(port),
+                    "--api-key",
+                    env["KODMOBI_API_KEY"],
+                    *opts.sandbox_args,
+                ],
+            )
+            wait_for_port(port)
+            env["KODMOBI_BASE_URL"] = f"http://127.0.0.1:{port}"
+        self._spawn(
+            "web",
+            [
+                python,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "worker.web.app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(opts.web_port),
+                "--no-access-log",
+            ],
+        )
+        self._spawn(
+            "worker",
+            [
+                python,
+                "-m",
+                "dramatiq",
+                "worker.actors",
+                "--processes",
+                str(opts.worker_processes),
+                "--threads",
+                str(opts.worker_threads),
+                "--skip-logging",
+            ],
+        )
+        self._spawn("clock", [python, "-m", "worker.cli", "sweep", "--forever"])
+        self.wait_ready()
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        stdout: Any = None
+        if self.options.log_dir is not None:
+            self.options.log_dir.mkdir(parents=True, exist_ok=True)
+            log = open(self.options.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+            self._logs.append(log)
+            stdout = log
+        self.processes[name] = subprocess.Popen(  # noqa: S603 - our own argv
+            argv, env=self.env, stdout=stdout, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"web not ready at {self.api_url} after {timeout_s}s")
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            code = process.poll()
+            if code is not None:
+                where = f" (see {self.options.log_dir}/{name}.log)" if self.options.log_dir else ""
+                raise RuntimeError(f"process {name} exited with {code}{where}")
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            process = self.processes[name]
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        for log in self._logs:
+            log.close()
+        if self.redis is not None:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+
+    def __enter__(self) -> DevSystem:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
+    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    parser.add_argument("--threads", type=int, default=16, help="threads per worker process")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = DevOptions(
+        web_port=args.port, worker_processes=args.processes, worker_threads=args.threads
+    )
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    system = DevSystem(options)
+    try:
+        system.start()
+        print(
+            f"kodmobi dev: web {system.api_url} (API token in {options.root / 'dev.env'}), "
+            f"kod.mobi at {system.sandbox_url}; Ctrl-C stops everything",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stopping:
+            system.check_alive()
+            time.sleep(0.3)
+    except RuntimeError as exc:
+        print(f"kodmobi dev: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        system.stop()
+    return 0
