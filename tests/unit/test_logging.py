@@ -24,7 +24,16 @@ BEARER = "tok_producer_Zx81Qw"
 CALLBACK_TOKEN = "Qm9vLXRva2VuLXNlY3JldA"
 ATTEMPT_ID = "01K8N1VMPN0EE389K72YW0CBM2"
 CALLBACK_PATH = f"/callbacks/kodmobi/{ATTEMPT_ID}/{CALLBACK_TOKEN}"
-STDLIB_LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "dramatiq", "httpx")
+STDLIB_LOGGERS = (
+    "",
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "dramatiq",
+    "dramatiq.worker",
+    "httpx",
+    "httpcore",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -33,17 +42,21 @@ def clean_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     saved = {}
     for name in STDLIB_LOGGERS:
         logger = logging.getLogger(name)
-        saved[name] = (logger.handlers[:], logger.level, logger.propagate)
+        saved[name] = (logger.handlers[:], logger.level, logger.propagate, logger.disabled)
+        if name:  # as in a fresh process: an earlier test's uvicorn may have set levels
+            logger.setLevel(logging.NOTSET)
+            logger.disabled = False
     # Secrets registered by one test must not make another pass.
     monkeypatch.setattr(worker_logging, "_known_secrets", set())
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
-    for name, (handlers, level, propagate) in saved.items():
+    for name, (handlers, level, propagate, disabled) in saved.items():
         logger = logging.getLogger(name)
         logger.handlers[:] = handlers
         logger.setLevel(level)
         logger.propagate = propagate
+        logger.disabled = disabled
 
 
 def configured(fmt: str = "json", **kwargs: Any) -> io.StringIO:
