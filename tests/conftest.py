@@ -1,4 +1,4 @@
-"""Shared fixtures: real Postgres and Redis (the machine's when the URLs are set, embedded otherwise)."""
+"""Shared fixtures: real Postgres and Redis (the URLs when set, embedded servers when not)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from worker.embedded import EmbeddedPostgres, EmbeddedRedis
 
 @pytest.fixture(scope="session")
 def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Postgres server URL (its `postgres` database): DATABASE_URL's server, or an embedded one."""
+    """A Postgres server URL: DATABASE_URL's server, or an embedded one."""
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return

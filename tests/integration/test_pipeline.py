@@ -44,7 +44,9 @@ def test_refused_channel_falls_back_to_the_next_with_the_same_code(system: Syste
     assert final["status"] == "delivered"
     first, second = final["attempts"]
     assert (first["channel"], first["status"], first["error_code"]) == (
-        "telegram", "error", "ERROR_USER_NOT_AUTHORIZE_ON_CHANNEL",
+        "telegram",
+        "error",
+        "ERROR_USER_NOT_AUTHORIZE_ON_CHANNEL",
     )
     assert "refused" in first["reason"]
     assert (second["channel"], second["status"]) == ("whatsapp", "delivered")
@@ -63,7 +65,9 @@ def test_failure_callback_falls_back(system: System) -> None:
 
 def test_silence_past_the_deadline_falls_back(system: System) -> None:
     to = magic_phone(telegram=2, whatsapp=0)
-    response = system.api.post("/v1/messages", json={"to": to, "channels": ["telegram", "whatsapp"]})
+    response = system.api.post(
+        "/v1/messages", json={"to": to, "channels": ["telegram", "whatsapp"]}
+    )
     final = system.wait_final(response.json()["id"], timeout_s=20)
     assert final["status"] == "delivered"
     assert [a["status"] for a in final["attempts"]] == ["timed_out", "delivered"]
@@ -95,7 +99,8 @@ def test_check_code(system: System) -> None:
     sent_code = system.sandbox_sends(to)[0]["code"]
     wrong = "000000" if sent_code != "000000" else "111111"
     assert system.api.post(f"/v1/messages/{created['id']}/check", json={"code": wrong}).json() == {
-        "valid": False, "reason": "mismatch",
+        "valid": False,
+        "reason": "mismatch",
     }
     assert system.api.post(
         f"/v1/messages/{created['id']}/check", json={"code": sent_code}
