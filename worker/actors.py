@@ -14,6 +14,7 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
 from worker.broker import QUEUE, setup_broker
+from worker.limits import KodMobiSlots
 from worker.logging import get_logger
 from worker.runtime import configure_process_logging, get_runtime
 from worker.schemas import SendRequest, describe_errors
@@ -43,7 +44,12 @@ def dispatch(attempt_id: str, delay_s: float = 0.0) -> None:
 
 @functools.cache
 def service() -> Service:
-    return Service(get_runtime(), dispatch)
+    runtime = get_runtime()
+    if runtime.kodmobi_slots is None:
+        runtime.kodmobi_slots = KodMobiSlots(
+            broker.client, settings.kodmobi_max_concurrency, namespace=settings.broker_namespace
+        )
+    return Service(runtime, dispatch)
 
 
 @dramatiq.actor(actor_name="send_code", queue_name=QUEUE, **RETRY_OPTIONS)

@@ -18,6 +18,7 @@ from worker import delivery as rules
 from worker.db import session_scope
 from worker.kodmobi.errors import AccountError, Action, KodMobiError, TransientError, decide
 from worker.kodmobi.models import ManualSendResponse
+from worker.limits import SlotsBusy
 from worker.logging import get_logger, mask_recipient
 from worker.models import Attempt, CallbackEvent, Message
 from worker.runtime import Runtime
@@ -199,33 +200,37 @@ class Service:
         cooldown = self.settings.channel_cooldown_s
         if limit == 0 and cooldown == 0:
             return
-        since = now - timedelta(seconds=max(window, cooldown))
-        recent = s.execute(
-            select(Message.created_at, Message.channels)
-            .where(
-                Message.recipient == recipient,
-                Message.created_at >= since,
-                Message.status != rules.REJECTED,
-            )
-            .order_by(Message.created_at)
-        ).all()
-        in_window = [r for r in recent if r.created_at >= now - timedelta(seconds=window)]
-        if limit and len(in_window) >= limit:
-            oldest = in_window[-limit].created_at
-            wait = (oldest + timedelta(seconds=window) - now).total_seconds()
-            raise RateLimited(
-                f"recipient limit: at most {limit} codes per {window:g}s", max(1.0, wait)
-            )
+        # Serialise intakes for one recipient, so two at once cannot both slip under a limit.
+        s.execute(select(func.pg_advisory_xact_lock(func.hashtext(recipient))))
+        if limit:
+            recent = s.scalars(
+                select(Message.created_at)
+                .where(
+                    Message.recipient == recipient,
+                    Message.created_at >= now - timedelta(seconds=window),
+                    Message.status != rules.REJECTED,
+                )
+                .order_by(Message.created_at.desc())
+                .limit(limit)
+            ).all()
+            if len(recent) >= limit:
+                wait = (recent[-1] + timedelta(seconds=window) - now).total_seconds()
+                raise RateLimited(
+                    f"recipient limit: at most {limit} codes per {window:g}s", max(1.0, wait)
+                )
         if cooldown:
-            same = [
-                r
-                for r in recent
-                if r.channels
-                and r.channels[0] == first_channel
-                and r.created_at >= now - timedelta(seconds=cooldown)
-            ]
-            if same:
-                wait = (same[-1].created_at + timedelta(seconds=cooldown) - now).total_seconds()
+            # kod.mobi blocks a channel for a recipient for 60 s after each send.
+            last_sent = s.scalar(
+                select(func.max(Attempt.created_at))
+                .join(Message, Message.id == Attempt.message_id)
+                .where(
+                    Message.recipient == recipient,
+                    Attempt.channel == first_channel,
+                    Attempt.created_at >= now - timedelta(seconds=cooldown),
+                )
+            )
+            if last_sent is not None:
+                wait = (last_sent + timedelta(seconds=cooldown) - now).total_seconds()
                 raise RateLimited(
                     f"channel cooldown: one {first_channel} code per {cooldown:g}s",
                     max(1.0, wait),
@@ -329,6 +334,9 @@ class Service:
                 )
         except KodMobiError as exc:
             return self._record_failure(attempt_id, exc)
+        except SlotsBusy as exc:
+            # The call never left: retried like any transient error.
+            return self._record_failure(attempt_id, TransientError(str(exc)))
         self._record_accepted(attempt_id, answer)
         return None
 

@@ -33,7 +33,9 @@ def _split_csv(value: Any) -> Any:
 class DatabaseSettings(BaseSettings):
     """What `alembic upgrade head` (the release process) needs, and nothing more."""
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str = Field(alias="DATABASE_URL", repr=False)
 
@@ -58,8 +60,8 @@ class Settings(DatabaseSettings):
     default_channels: Annotated[tuple[str, ...], NoDecode] = Field(
         PHONE_CHANNELS, alias="DEFAULT_CHANNELS"
     )
-    delivery_timeout_s: float = Field(60.0, alias="DELIVERY_TIMEOUT_S", gt=0)
-    code_ttl_s: float = Field(300.0, alias="CODE_TTL_S", gt=0)
+    delivery_timeout_s: float = Field(60.0, alias="DELIVERY_TIMEOUT_S", gt=0, allow_inf_nan=False)
+    code_ttl_s: float = Field(300.0, alias="CODE_TTL_S", gt=0, allow_inf_nan=False)
     log_format: str = Field("json", alias="LOG_FORMAT", pattern="^(json|console)$")
     log_level: str = Field(
         "INFO", alias="LOG_LEVEL", pattern="^(?i)(debug|info|warning|error|critical)$"
