@@ -12,7 +12,12 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
+
+# pgserver asks platformdirs for a runtime dir; on a server without a login session that
+# warns about XDG_RUNTIME_DIR on every start. The fallback it takes is fine.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 
 def free_port() -> int:
