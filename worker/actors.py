@@ -17,7 +17,7 @@ from worker.broker import QUEUE, setup_broker
 from worker.limits import KodMobiSlots
 from worker.logging import get_logger
 from worker.runtime import configure_process_logging, get_runtime
-from worker.schemas import SendRequest, describe_errors
+from worker.schemas import SendRequest, describe_errors, valid_key
 from worker.service import IdempotencyConflict, RateLimited, Service
 from worker.settings import get_settings
 
@@ -63,12 +63,12 @@ def send_code(*args: Any, **kwargs: Any) -> None:
     if key is None and current is not None:
         key = current.message_id
     svc = service()
-    if not isinstance(key, str) or not 1 <= len(key) <= 255:
+    if not valid_key(key):
         fallback_key = current.message_id if current is not None else "unknown"
         svc.reject(
             idempotency_key=fallback_key,
             source="dramatiq",
-            reason="idempotency_key: must be a string of 1 to 255 characters",
+            reason="idempotency_key: must be text of 1 to 255 characters without NUL",
             raw_to=kwargs.get("to"),
         )
         return

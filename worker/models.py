@@ -135,11 +135,20 @@ class Attempt(Base):
 
 
 class CallbackEvent(Base):
-    """A callback as kod.mobi sent it; one row per (attempt, status word), repeats counted."""
+    """A callback as kod.mobi sent it; one row per (attempt, status word, kod.mobi message
+    id), repeats counted."""
 
     __tablename__ = "callback_events"
     __table_args__ = (
-        UniqueConstraint("attempt_id", "status_word", name="uq_callback_events_attempt_status"),
+        # A repeat is the same status about the same kod.mobi message; a callback about
+        # another message_id must not shadow the genuine one that follows it.
+        UniqueConstraint(
+            "attempt_id",
+            "status_word",
+            "kodmobi_message_id",
+            name="uq_callback_events_attempt_status",
+            postgresql_nulls_not_distinct=True,
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

@@ -26,6 +26,11 @@ _EMAIL = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
 MAX_METADATA_BYTES = 4096
+CODE_PATTERN = re.compile(r"[0-9]{4,6}")
+#: What our ids look like (ULID, Crockford base32); anything else is not found.
+ULID_PATTERN = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+#: Idempotency keys: any text Postgres can store (no NUL), up to 255 characters.
+KEY_PATTERN = r"^[^\x00]{1,255}$"
 MAX_TTL_S = 86400
 
 
@@ -39,9 +44,10 @@ def normalise_recipient(raw: str) -> tuple[str, str]:
         return f"{local}@{domain.lower()}", "email"
     digits = value.replace(" ", "").replace("-", "").replace("(", "").replace(")", "")
     # kod.mobi's older API takes Russian numbers written 7XXXXXXXXXX or 8XXXXXXXXXX.
-    if re.fullmatch(r"[78]\d{10}", digits):
+    # ASCII digits only: `\d` would also take Arabic-Indic and full-width ones.
+    if re.fullmatch(r"[78][0-9]{10}", digits):
         digits = "+7" + digits[1:]
-    if not re.fullmatch(r"\+\d{8,15}", digits):
+    if not re.fullmatch(r"\+[0-9]{8,15}", digits):
         raise PydanticCustomError(
             "phone", "not an E.164 phone number (+ and 8 to 15 digits) or an email address"
         )
@@ -99,14 +105,26 @@ class SendRequest(BaseModel):
     def _code(cls, value: Any) -> Any:
         if value is None:
             return None
-        if not isinstance(value, str) or not re.fullmatch(r"\d{4,6}", value):
+        if not isinstance(value, str) or not CODE_PATTERN.fullmatch(value):
             raise PydanticCustomError("code", "code must be a string of 4 to 6 digits")
         return value
 
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value, default=str)) > MAX_METADATA_BYTES:
+        if value is None:
+            return None
+        try:
+            # Stored as jsonb: no NaN/Infinity, no NUL, no lone surrogates.
+            dumped = json.dumps(value, allow_nan=False, ensure_ascii=False)
+            encoded = dumped.encode("utf-8")
+        except (ValueError, TypeError, UnicodeEncodeError):
+            raise PydanticCustomError(
+                "metadata", "metadata must be plain JSON (no NaN, Infinity or lone surrogates)"
+            ) from None
+        if "\\u0000" in dumped:
+            raise PydanticCustomError("metadata", "metadata must not contain NUL characters")
+        if len(encoded) > MAX_METADATA_BYTES:
             raise PydanticCustomError("metadata", "metadata over 4096 bytes")
         return value
 
@@ -117,6 +135,25 @@ class SendRequest(BaseModel):
         if self.channels:
             return list(self.channels)
         return ["email"] if self.recipient_kind() == "email" else list(default_channels)
+
+
+def is_ulid(value: str) -> bool:
+    return ULID_PATTERN.fullmatch(value) is not None
+
+
+def valid_key(value: object) -> bool:
+    """An idempotency key we can store: 1-255 characters of text, no NUL."""
+    return (
+        isinstance(value, str)
+        and 1 <= len(value) <= 255
+        and "\x00" not in value
+        and db_text(value) == value
+    )
+
+
+def db_text(value: str) -> str:
+    """Text Postgres can store: NUL and lone surrogates become U+FFFD."""
+    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 def describe_errors(exc: ValidationError) -> str:
@@ -170,7 +207,7 @@ class AcceptedView(BaseModel):
 class CheckRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    code: str = Field(pattern=r"^\d{4,6}$", description="the code the user typed")
+    code: str = Field(pattern=r"^[0-9]{4,6}$", description="the code the user typed")
 
 
 class CheckResult(BaseModel):

@@ -28,6 +28,7 @@ from worker.schemas import (
     CheckResult,
     MessageView,
     SendRequest,
+    db_text,
 )
 from worker.security import callback_token, codes_equal, draw_code
 
@@ -242,7 +243,8 @@ class Service:
         """Record input we will never send, with the reason, so the producer can see why."""
         now = utcnow()
         message_id = str(ULID())
-        recipient = raw_to if isinstance(raw_to, str) else ""
+        recipient = db_text(raw_to) if isinstance(raw_to, str) else ""
+        reason = db_text(reason)
         with self._tx() as s:
             s.execute(
                 insert(Message)
@@ -400,10 +402,20 @@ class Service:
                     attempt.dispatched_at = now
                     attempt.reason = f"retrying after {exc.reason}"
                     retry_at = plan.at
-                else:
+                elif isinstance(exc, TransientError):
                     return self._fallback(
                         s, message, attempt, rules.ERROR, f"retries exhausted: {exc.reason}", now
                     )
+                else:
+                    # Throttled or an account problem: another channel would not help
+                    # (DESIGN §7). Nothing fits before the code expires, so nothing more is
+                    # sent; the attempt waits, and the sweeper expires the message at its TTL.
+                    attempt.status = rules.QUEUED
+                    attempt.next_try_at = message.expires_at
+                    attempt.dispatched_at = now
+                    attempt.reason = f"{exc.reason}: no retry fits before the code expires"
+                    bound.warning("attempt.parked_until_expiry", error=exc.reason)
+                    return None
             elif action is Action.FALLBACK:
                 return self._fallback(
                     s, message, attempt, rules.ERROR, f"refused: {exc.reason}", now
@@ -462,7 +474,7 @@ class Service:
             .where(Attempt.message_id == message.id, Attempt.status.in_(rules.ATTEMPT_OPEN))
             .values(
                 status=rules.ERROR,
-                reason=f"closed: message {message.status}",
+                reason=func.concat_ws("; ", Attempt.reason, f"closed: message {message.status}"),
                 finished_at=now,
                 updated_at=now,
             )

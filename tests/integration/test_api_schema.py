@@ -5,9 +5,8 @@ loader (`schemathesis.pytest.from_fixture`) breaks on pytest 9 (`Function._nodei
 each operation gets its own test that runs Hypothesis over `operation.as_strategy()`;
 `test_the_operation_list_is_the_schema` keeps that list honest.
 
-Bugs the fuzzing found are pinned below as deterministic `xfail(strict=True)` tests, and
-the fuzzing steps around exactly those inputs (see `_known_bug`), so it keeps guarding
-everything else.
+Inputs the fuzzing once broke the app with (NUL characters, NaN metadata, non-ASCII
+digits, a body that is not UTF-8) are pinned below as deterministic tests.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -33,9 +32,7 @@ from tests.support.system import API_TOKEN, System, unique_phone
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 MAX_EXAMPLES = 40
 POSITIVE_CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance]
-# Negative cases include bodies that are not even text: FastAPI answers those 400, which no
-# operation documents (pinned in test_unparseable_body_gets_a_documented_status).
-NEGATIVE_CHECKS = [not_a_server_error, response_schema_conformance]
+NEGATIVE_CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance]
 
 OPERATIONS = [
     ("POST", "/v1/messages"),
@@ -62,19 +59,10 @@ def api_schema(system: System) -> Iterator[schemathesis.BaseSchema]:
     yield loaded
 
 
-def _known_bug(case: schemathesis.Case) -> bool:
-    """NUL characters reach Postgres and crash the request (pinned below)."""
-    parts: list[Any] = [case.path_parameters, case.query, case.headers]
-    if not isinstance(case.body, bytes | bytearray):
-        parts.append(case.body)
-    return "\\u0000" in json.dumps(parts, default=str)
-
-
 def _fuzz(operation: Any, mode: GenerationMode, checks: list[Any]) -> None:
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     def run(case: schemathesis.Case) -> None:
-        assume(not _known_bug(case))
         case.call_and_validate(headers=AUTH, checks=checks, timeout=10)
 
     run()
@@ -144,15 +132,9 @@ def test_real_requests_get_documented_answers(
     assert refused.status_code == 401
 
 
-# -- bugs found by the fuzzing, pinned -----------------------------------------------------
-
-NUL_BUG = (
-    "BUG: a NUL character (U+0000) reaches Postgres, which refuses it in text/jsonb "
-    "(psycopg.DataError) and the request ends in a 500; it should be 404/422"
-)
+# -- inputs the fuzzing found, pinned --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=NUL_BUG)
 @pytest.mark.parametrize(
     ("method", "path", "kwargs"),
     [
@@ -174,11 +156,6 @@ def test_nul_character_is_refused_not_a_server_error(
     assert response.status_code in (404, 422), response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: metadata NaN/Infinity (Python's json accepts them) cannot be stored as "
-    "jsonb: 500; it should be 422 naming metadata",
-)
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
 def test_metadata_with_a_non_json_number_is_refused(system: System, number: str) -> None:
     # Given metadata holding a number JSON does not have
@@ -192,11 +169,6 @@ def test_metadata_with_a_non_json_number_is_refused(system: System, number: str)
     assert "metadata" in json.dumps(response.json())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: schemas.py SendRequest._code uses \\d, which matches any Unicode digit: "
-    "'١٢٣٤' is accepted (202) and sent to kod.mobi; it should be 422 (ASCII 0-9 only)",
-)
 @pytest.mark.parametrize("code", ["١٢٣٤", "１２３４", "۱۲۳۴۵۶"])
 def test_code_of_non_ascii_digits_is_refused(system: System, code: str) -> None:
     # Given a code written with digits from another script
@@ -207,12 +179,6 @@ def test_code_of_non_ascii_digits_is_refused(system: System, code: str) -> None:
     assert "code" in json.dumps(response.json())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a body that is not UTF-8 gets FastAPI's 400 'There was an error parsing "
-    "the body', a status the schema does not document (POST /v1/messages lists 200, 202, "
-    "401, 409, 422, 429); it should be 422 like other bad input, or 400 documented",
-)
 @pytest.mark.parametrize(
     ("url", "operation_path"),
     [("/v1/messages", "/v1/messages"), ("/v1/messages/x/check", "/v1/messages/{message_id}/check")],

@@ -241,7 +241,9 @@ def test_unknown_status_is_stored_and_not_applied(waiting: Waiting, body: dict[s
     assert_untouched(waiting)
     [event] = waiting.events()
     assert (event["parsed_status"], event["applied"], event["outcome"]) == (
-        "unknown", False, "unknown_status",
+        "unknown",
+        False,
+        "unknown_status",
     )
 
 
@@ -319,7 +321,8 @@ def test_concurrent_duplicate_failures_fall_back_once(system: System, waiting: W
     assert answers == [200] * 8
     final = system.wait_final(waiting.message_id)
     assert [(a["channel"], a["status"]) for a in final["attempts"]] == [
-        ("telegram", "failed"), ("whatsapp", "delivered"),
+        ("telegram", "failed"),
+        ("whatsapp", "delivered"),
     ]
     [event] = waiting.events()
     assert event["duplicates"] == 7
@@ -333,7 +336,8 @@ def test_a_stale_progress_after_delivered_leaves_it_delivered(waiting: Waiting) 
     assert late.json()["outcome"] != "progress"
     assert waiting.message() == delivered
     assert [(e["status_word"], e["applied"]) for e in waiting.events()] == [
-        ("delivered", True), ("sent", False),
+        ("delivered", True),
+        ("sent", False),
     ]
 
 
@@ -357,16 +361,11 @@ def test_a_callback_about_another_kodmobi_message_is_recorded_not_applied(
     assert_untouched(waiting)
     [event] = waiting.events()
     assert (event["kodmobi_message_id"], event["applied"]) == (
-        waiting.kodmobi_message_id + 1000, False,
+        waiting.kodmobi_message_id + 1000,
+        False,
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: callback_events is unique on (attempt_id, status_word) only, so the "
-    "genuine 'delivered' after a mismatched one is taken for a duplicate and never applied "
-    "(worker/service.py apply_callback, worker/models.py CallbackEvent)",
-)
 def test_a_mismatched_callback_does_not_shadow_the_genuine_one(waiting: Waiting) -> None:
     # Given a callback about another kod.mobi message, recorded and not applied
     waiting.post(json={"message_id": waiting.kodmobi_message_id + 1000, "status": "delivered"})
@@ -461,7 +460,8 @@ def test_sandbox_out_of_order_callbacks_leave_it_delivered(system: System) -> No
     )
     # Then the late "sent" is stored, not applied, and the message stays delivered
     assert [(e["status_word"], e["applied"]) for e in found] == [
-        ("delivered", True), ("sent", False),
+        ("delivered", True),
+        ("sent", False),
     ]
     assert system.message(final["id"]) == final
     assert final["status"] == "delivered"

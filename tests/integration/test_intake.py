@@ -19,9 +19,7 @@ from tests.support.system import API_TOKEN, System, unique_phone
 
 # The running system's threads (Dramatiq's consumers, the retry jitter) draw from the global
 # `random` while Hypothesis generates, which it takes for a strategy using `random`.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Do not use the `random` module inside strategies"
-)
+pytestmark = pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 
 #: placeholder for a fresh recipient in the bad-input table below
 TO = "<to>"
@@ -179,7 +177,9 @@ def test_dramatiq_message_redelivered_after_it_was_sent_sends_nothing_more(
     again = system.by_key(message.message_id)
     assert again is not None
     assert (again["id"], again["status"], len(again["attempts"])) == (
-        first["id"], "delivered", 1,
+        first["id"],
+        "delivered",
+        1,
     )
     assert [s["code"] for s in system.sandbox_sends(to)] == ["2468"]
 
@@ -250,11 +250,6 @@ BAD_INPUT = [
         {"to": TO, "code": "\u0661\u0662\u0663\u0664"},
         {"code"},
         id="non-ascii-digits-code",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG: worker/schemas.py SendRequest._code uses re '\\d', which accepts "
-            "Unicode digits (e.g. Arabic-Indic); kod.mobi takes only 0-9",
-        ),
     ),
     pytest.param({"to": TO, "foo": 1}, {"foo"}, id="unknown-field"),
     pytest.param({"to": TO, "ttl_s": 9}, {"ttl_s"}, id="ttl-too-short"),
@@ -302,12 +297,6 @@ def test_http_bad_input_is_422_naming_each_bad_field(
             b"\xff\xfe\x00",
             "application/json",
             id="not-utf8",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a body that is not UTF-8 gets FastAPI's 400 'There was an error "
-                "parsing the body', not DESIGN §3's 422 (worker/web/app.py handles only "
-                "RequestValidationError)",
-            ),
         ),
         pytest.param(b"", "application/json", id="empty"),
         pytest.param(b"[]", "application/json", id="json-array"),
@@ -365,8 +354,9 @@ _json_scalars = (
 )
 _json_values = st.recursive(
     _json_scalars,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -498,7 +488,9 @@ def test_every_v1_route_needs_a_valid_bearer_token(
     message_id, code = delivered
     operations = _v1_operations(system)
     assert {path for _, path in operations} >= {
-        "/v1/messages", "/v1/messages/{message_id}", "/v1/messages/{message_id}/check",
+        "/v1/messages",
+        "/v1/messages/{message_id}",
+        "/v1/messages/{message_id}/check",
     }
     headers = {} if authorization is None else {"Authorization": authorization}
     recipient = unique_phone()
@@ -594,8 +586,15 @@ def test_the_code_given_by_the_producer_is_the_one_sent_and_checked(system: Syst
 
 @pytest.mark.parametrize(
     "body",
-    [{"code": "123"}, {"code": "1234567"}, {"code": "12a4"}, {"code": 1234}, {}, {"code": None},
-     {"code": "1234", "extra": 1}],
+    [
+        {"code": "123"},
+        {"code": "1234567"},
+        {"code": "12a4"},
+        {"code": 1234},
+        {},
+        {"code": None},
+        {"code": "1234", "extra": 1},
+    ],
     ids=["3-digits", "7-digits", "non-digit", "number", "missing", "null", "extra-field"],
 )
 def test_check_with_a_malformed_code_is_422(system: System, body: dict[str, Any]) -> None:
@@ -687,8 +686,18 @@ def test_python_send_code_is_idempotent_by_key(system: System) -> None:
         (TO, {"ttl_s": 5}, "ttl_s"),
         (TO, {"metadata": {"blob": "x" * 5000}}, "metadata"),
     ],
-    ids=["phone", "email-sms", "phone-email", "unknown-channel", "repeated", "3-digits",
-         "7-digits", "code-number", "ttl", "metadata"],
+    ids=[
+        "phone",
+        "email-sms",
+        "phone-email",
+        "unknown-channel",
+        "repeated",
+        "3-digits",
+        "7-digits",
+        "code-number",
+        "ttl",
+        "metadata",
+    ],
 )
 def test_python_send_code_refuses_bad_input_naming_the_field(
     system: System, to: str, kwargs: dict[str, Any], field: str

@@ -8,7 +8,15 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from worker.schemas import AcceptedView, CheckRequest, CheckResult, MessageView, SendRequest
+from worker.schemas import (
+    KEY_PATTERN,
+    AcceptedView,
+    CheckRequest,
+    CheckResult,
+    MessageView,
+    SendRequest,
+    is_ulid,
+)
 from worker.service import IdempotencyConflict, RateLimited, Service, accepted_view
 from worker.web.deps import get_service, require_token
 
@@ -35,7 +43,7 @@ def create_message(
     response: Response,
     service: ServiceDep,
     idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+        str | None, Header(alias="Idempotency-Key", pattern=KEY_PATTERN)
     ] = None,
 ) -> AcceptedView:
     """Accept a code to send; the first attempt is handed to a worker at once."""
@@ -62,7 +70,7 @@ def create_message(
 )
 def get_message(message_id: str, service: ServiceDep) -> MessageView:
     """A message's status with every attempt."""
-    found = service.get(message_id)
+    found = service.get(message_id) if is_ulid(message_id) else None
     if found is None:
         raise HTTPException(404, detail="message not found")
     return found
@@ -75,7 +83,7 @@ def get_message(message_id: str, service: ServiceDep) -> MessageView:
 )
 def find_message(
     service: ServiceDep,
-    idempotency_key: Annotated[str, Query(min_length=1, max_length=255)],
+    idempotency_key: Annotated[str, Query(pattern=KEY_PATTERN)],
 ) -> MessageView:
     """The message recorded under an idempotency key (for Dramatiq producers, the message id)."""
     found = service.find(idempotency_key)
@@ -91,7 +99,7 @@ def find_message(
 )
 def check_code(message_id: str, body: CheckRequest, service: ServiceDep) -> CheckResult:
     """Is this the code we sent? At most 5 checks per message; never once expired."""
-    result = service.check_code(message_id, body.code)
+    result = service.check_code(message_id, body.code) if is_ulid(message_id) else None
     if result is None:
         raise HTTPException(404, detail="message not found")
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from worker.logging import get_logger
+from worker.schemas import db_text, is_ulid
 from worker.security import verify_callback_token
 from worker.service import CallbackData, Service
 
@@ -18,6 +20,7 @@ router = APIRouter(tags=["callbacks"])
 log = get_logger("worker.callbacks")
 
 MAX_BODY_BYTES = 64 * 1024
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
 _HEADERS_KEPT = ("content-type", "user-agent", "x-forwarded-for", "x-request-id")
 
 
@@ -86,18 +89,17 @@ def _status_word(fields: dict[str, Any]) -> str:
     value = fields.get("status", fields.get("state"))
     if value is None or isinstance(value, dict | list):
         return ""
-    return str(value).strip().lower()[:64]
+    return db_text(str(value).strip().lower()[:64])
 
 
 def _message_id(fields: dict[str, Any]) -> int | None:
+    """kod.mobi's message id when it is a whole number that fits a bigint, else None."""
     value = fields.get("message_id")
-    if isinstance(value, bool):
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
         return None
-    try:
-        number = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if -(2**63) <= number < 2**63 else None
+    return value if -(2**63) <= value < 2**63 else None
 
 
 @router.api_route(
@@ -114,8 +116,8 @@ async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSO
     """A delivery status for one attempt. A wrong token changes nothing."""
     service: Service = request.app.state.service
     secret = service.settings.callback_secret.get_secret_value()
-    if len(attempt_id) > 64 or not verify_callback_token(secret, attempt_id, token):
-        log.warning("callback.rejected", attempt_id=attempt_id[:64], reason="bad token")
+    if not is_ulid(attempt_id) or not verify_callback_token(secret, attempt_id, token):
+        log.warning("callback.rejected", attempt_id=db_text(attempt_id[:64]), reason="bad token")
         return _reply(404, "not found")
     try:
         body = await _read_body(request)
@@ -128,9 +130,9 @@ async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSO
         return _reply(400, f"unreadable callback: {exc}")
     data = CallbackData(
         method=request.method,
-        content_type=request.headers.get("content-type"),
-        raw_body=body.decode("utf-8", "replace") if body else str(request.url.query),
-        headers={k: v for k, v in request.headers.items() if k in _HEADERS_KEPT},
+        content_type=db_text(request.headers.get("content-type", ""))[:255] or None,
+        raw_body=db_text(body.decode("utf-8", "replace") if body else str(request.url.query)),
+        headers={k: db_text(v) for k, v in request.headers.items() if k in _HEADERS_KEPT},
         status_word=_status_word(fields),
         kodmobi_message_id=_message_id(fields),
     )
