@@ -1,0 +1,131 @@
+"""Delivery callbacks: POST (or GET) each planned status to `callback_url` in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from worker.sandbox.rules import iso_now
+
+if TYPE_CHECKING:
+    from worker.sandbox.state import SandboxState
+
+log = logging.getLogger("worker.sandbox.callbacks")
+
+#: pause between tries of one callback ("1 s apart")
+RETRY_PAUSE_S = 1.0
+#: callbacks waiting or in flight beyond this are dropped (and counted), so that a dead or
+#: hanging receiver under a benchmark's load cannot grow memory without bound
+MAX_PENDING = 50_000
+CALLBACK_TIMEOUT = httpx.Timeout(5.0, connect=2.0, pool=10.0)
+CALLBACK_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+
+
+class CallbackDispatcher:
+    """Owns the shared httpx client and the background tasks that send callbacks."""
+
+    def __init__(self, state: SandboxState) -> None:
+        self._state = state
+        self._client: httpx.AsyncClient | None = None
+        # Strong references: the event loop keeps only weak ones to running tasks.
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    def _http(self) -> httpx.AsyncClient:
+        # Built in the app's lifespan; built here too for a host that skips the lifespan.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=CALLBACK_TIMEOUT,
+                limits=CALLBACK_LIMITS,
+                # Callback URLs point at our own services: never through an env proxy.
+                trust_env=False,
+                headers={"user-agent": "kodmobi-sandbox"},
+            )
+        return self._client
+
+    async def start(self) -> None:
+        self._http()
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def schedule(self, record: dict[str, Any], statuses: tuple[str, ...], delay_s: float) -> None:
+        """Send `statuses` in order to the record's callback_url, starting after `delay_s`."""
+        stats = self._state.stats
+        if len(self._tasks) >= MAX_PENDING:
+            for status in statuses:
+                record["callbacks"].append(
+                    {"status": status, "sent_at": None, "result": "dropped", "tries": 0}
+                )
+            stats.callbacks_dropped += len(statuses)
+            return
+        task = asyncio.get_running_loop().create_task(self._run(record, statuses, delay_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, record: dict[str, Any], statuses: tuple[str, ...], delay_s: float) -> None:
+        try:
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            for status in statuses:
+                await self._send_one(record, status)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a callback must never take the server down
+            self._state.stats.callbacks_failed += 1
+            log.exception("sandbox callback crashed for message %s", record.get("message_id"))
+
+    async def _send_one(self, record: dict[str, Any], status: str) -> None:
+        state = self._state
+        config = state.config
+        url: str = record["callback_url"]
+        body = {
+            "message_id": record["message_id"],
+            "status": status,
+            "channel": record["channel"],
+            "to": record["to"],
+            # A "sent" is about the moment of acceptance: stale when it arrives late.
+            "timestamp": record["received_at"] if status == "sent" else iso_now(),
+        }
+        entry: dict[str, Any] = {"status": status, "sent_at": iso_now(), "result": None, "tries": 0}
+        record["callbacks"].append(entry)
+        client = self._http()
+        ok = False
+        for attempt in range(config.callback_retries + 1):
+            if attempt:
+                state.stats.callbacks_retried += 1
+                await asyncio.sleep(RETRY_PAUSE_S)
+            entry["tries"] = attempt + 1
+            style = state.config.callback_style
+            try:
+                if style == "form":
+                    response = await client.post(url, data=body)
+                elif style == "get":
+                    # Merged, not replaced: the callback URL may carry a query of its own.
+                    response = await client.get(httpx.URL(url).copy_merge_params(body))
+                else:
+                    response = await client.post(url, json=body)
+            except httpx.HTTPError as exc:
+                entry["result"] = type(exc).__name__
+                continue
+            entry["result"] = str(response.status_code)
+            if response.status_code < 500:
+                # A 4xx is the receiver's verdict on this callback: asking again won't change it.
+                ok = response.status_code < 400
+                break
+        if ok:
+            state.stats.callbacks_sent += 1
+        else:
+            state.stats.callbacks_failed += 1
