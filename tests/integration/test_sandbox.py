@@ -21,7 +21,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support.servers import serve
@@ -82,7 +82,8 @@ def assert_error(response: httpx.Response, status: int, sys_message: str) -> dic
 
 
 class Receiver:
-    """Collects every callback by the token in its URL; `flaky-…` tokens fail their first call."""
+    """Collects every callback by the token in its URL. Tokens starting `flaky` fail their
+    first call with a 503; `chunked` ones are answered chunked, `close` ones close."""
 
     def __init__(self) -> None:
         self.calls: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -105,6 +106,10 @@ class Receiver:
             first = len(calls) == 1
         if token.startswith("flaky") and first:
             return Response("try later", status_code=503)
+        if token.startswith("chunked"):
+            return StreamingResponse(iter([b"o", b"k" * 10_000]))
+        if token.startswith("close"):
+            return Response("ok", headers={"connection": "close"})
         return Response("ok")
 
     def url(self, prefix: str = "t") -> tuple[str, str]:
@@ -433,6 +438,36 @@ def test_unreachable_callback_url_is_recorded_not_fatal(http: httpx.Client) -> N
     )
     assert record["callbacks"][0]["result"] == "ConnectError"
     assert http.get("/manual/channels").status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["chunked", "close", "t"])
+def test_callbacks_survive_any_answer_framing(
+    http: httpx.Client, receiver: Receiver, kind: str
+) -> None:
+    # Given a receiver answering chunked, or closing each connection, or keeping it
+    tokens = []
+    for _ in range(5):
+        token, url = receiver.url(kind)
+        tokens.append(token)
+        assert send(http, fresh_phone(), "sms", callback_url=url).status_code == 200
+    # Then every callback arrives once, and each is recorded as answered 200
+    wait_for(lambda: all(receiver.got(t) for t in tokens))
+    results = wait_for(
+        lambda: (
+            (
+                r := [
+                    cb["result"]
+                    for m in http.get("/sandbox/messages").json()["messages"]
+                    if m["callback_url"] and any(t in m["callback_url"] for t in tokens)
+                    for cb in m["callbacks"]
+                ]
+            )
+            and None not in r
+            and r
+        )
+    )
+    assert results == ["200"] * 5
+    assert all(len(receiver.got(t)) == 1 for t in tokens)
 
 
 def test_progress_callbacks_come_before_the_final(http: httpx.Client, receiver: Receiver) -> None:

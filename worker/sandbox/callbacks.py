@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from worker.sandbox.plainhttp import CallbackHttpError, PlainHttpClient
 from worker.sandbox.rules import iso_now
 
 if TYPE_CHECKING:
@@ -25,11 +28,16 @@ CALLBACK_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=2
 
 
 class CallbackDispatcher:
-    """Owns the shared httpx client and the background tasks that send callbacks."""
+    """Owns the HTTP clients and the background tasks that send callbacks.
+
+    http:// callbacks go through a lean keep-alive client (plainhttp.py: httpx's async
+    pool would cap us near 500 callbacks/s); https:// ones through one shared httpx client.
+    """
 
     def __init__(self, state: SandboxState) -> None:
         self._state = state
         self._client: httpx.AsyncClient | None = None
+        self._plain = PlainHttpClient()
         # Strong references: the event loop keeps only weak ones to running tasks.
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -60,6 +68,7 @@ class CallbackDispatcher:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        await self._plain.aclose()
 
     def schedule(self, record: dict[str, Any], statuses: tuple[str, ...], delay_s: float) -> None:
         """Send `statuses` in order to the record's callback_url, starting after `delay_s`."""
@@ -101,31 +110,50 @@ class CallbackDispatcher:
         }
         entry: dict[str, Any] = {"status": status, "sent_at": iso_now(), "result": None, "tries": 0}
         record["callbacks"].append(entry)
-        client = self._http()
         ok = False
         for attempt in range(config.callback_retries + 1):
             if attempt:
                 state.stats.callbacks_retried += 1
                 await asyncio.sleep(RETRY_PAUSE_S)
             entry["tries"] = attempt + 1
-            style = state.config.callback_style
             try:
-                if style == "form":
-                    response = await client.post(url, data=body)
-                elif style == "get":
-                    # Merged, not replaced: the callback URL may carry a query of its own.
-                    response = await client.get(httpx.URL(url).copy_merge_params(body))
-                else:
-                    response = await client.post(url, json=body)
-            except httpx.HTTPError as exc:
-                entry["result"] = type(exc).__name__
+                status_code = await self._deliver(url, body, state.config.callback_style)
+            except (CallbackHttpError, httpx.HTTPError) as exc:
+                entry["result"] = (
+                    str(exc) if isinstance(exc, CallbackHttpError) else (type(exc).__name__)
+                )
                 continue
-            entry["result"] = str(response.status_code)
-            if response.status_code < 500:
+            entry["result"] = str(status_code)
+            if status_code < 500:
                 # A 4xx is the receiver's verdict on this callback: asking again won't change it.
-                ok = response.status_code < 400
+                ok = status_code < 400
                 break
         if ok:
             state.stats.callbacks_sent += 1
         else:
             state.stats.callbacks_failed += 1
+
+    async def _deliver(self, url: str, body: dict[str, Any], style: str) -> int:
+        """One try: the receiver's HTTP status, or CallbackHttpError / httpx.HTTPError."""
+        parts = urlsplit(url)
+        if parts.scheme == "http":
+            if style == "get":
+                # Merged, not replaced: the callback URL may carry a query of its own.
+                query = "&".join(q for q in (parts.query, urlencode(body)) if q)
+                return await self._plain.request("GET", parts._replace(query=query))
+            if style == "form":
+                payload, content_type = (
+                    urlencode(body).encode(),
+                    "application/x-www-form-urlencoded",
+                )
+            else:
+                payload, content_type = json.dumps(body).encode(), "application/json"
+            return await self._plain.request("POST", parts, payload, content_type)
+        client = self._http()
+        if style == "form":
+            response = await client.post(url, data=body)
+        elif style == "get":
+            response = await client.get(httpx.URL(url).copy_merge_params(body))
+        else:
+            response = await client.post(url, json=body)
+        return response.status_code
