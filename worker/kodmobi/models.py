@@ -67,3 +67,7 @@ class V2Response(_Answer):
     session_id: str | None = None
     message: str | None = None
     type: str | None = None
+    #: `message/check`: was the code right.
+    valid: bool | None = None
+    #: `channel/check`: is the user active on the channel.
+    is_active: bool | None = None
