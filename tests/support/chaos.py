@@ -76,6 +76,9 @@ class ChaosParams:
     postgres_restarts: int = 1
     #: a killed worker stays down this long before it is started again
     kill_downtime_s: float = 1.0
+    #: a restarted Redis / Postgres stays down this long (0: stop and start at once)
+    redis_downtime_s: float = 0.0
+    postgres_downtime_s: float = 0.0
     # The sandbox's misbehaviour.
     error_5xx_rate: float = 0.10
     throttle_429_rate: float = 0.05
@@ -101,6 +104,10 @@ class ChaosParams:
     producer_give_up_s: float = 120.0
     #: every message must be final this long after the last fault (or the last send)
     drain_bound_s: float = 120.0
+    #: an explicit schedule instead of the even spread, e.g. "postgres_restart@15,redis_restart@+1"
+    #: (worker_kill, redis_restart, postgres_restart; @s after the first send, @+s after the
+    #: end of the fault before)
+    fault_plan: str = ""
 
 
 @dataclass
@@ -163,6 +170,9 @@ class ChaosReport:
     drain_after_last_send_s: float | None = None
     run_s: float = 0.0
     slots_leaked: int | None = None
+    broker: BrokerLeftovers | None = None
+    #: Dramatiq consumer threads that died inside a live worker process (from its log)
+    dead_consumer_threads: list[str] = field(default_factory=list)
     #: most callbacks the sandbox had waiting or in flight at once (sampled each second)
     peak_callbacks_pending: int = 0
 
@@ -429,12 +439,16 @@ class Cluster:
         return worker.name
 
     def restart_redis(self) -> str:
-        self.redis.restart()
+        self.redis.stop()
+        time.sleep(self.params.redis_downtime_s)
+        self.redis.start()
         self.server_restarts["redis"] += 1
         return "redis"
 
     def restart_postgres(self) -> str:
-        self.postgres.restart()
+        self.postgres.stop()
+        time.sleep(self.params.postgres_downtime_s)
+        self.postgres.start()
         self.server_restarts["postgres"] += 1
         return "postgres"
 
@@ -605,9 +619,21 @@ class Producers:
 # -- faults ------------------------------------------------------------------------------
 
 
-def plan_faults(params: ChaosParams) -> list[tuple[float, str, int]]:
+@dataclass(frozen=True)
+class PlannedFault:
+    at_s: float
+    kind: str
+    index: int
+    #: `at_s` counts from the end of the fault before, not from the first send
+    after_previous: bool = False
+
+
+def plan_faults(params: ChaosParams) -> list[PlannedFault]:
     """(seconds after the first send, kind, index): spread evenly over the sending window,
-    kinds interleaved so that no two faults of one kind are next to each other."""
+    kinds interleaved so that no two faults of one kind are next to each other; or as
+    `fault_plan` says."""
+    if params.fault_plan:
+        return _explicit_plan(params.fault_plan)
     queues = {
         "worker_kill": params.worker_kills,
         "redis_restart": params.redis_restarts,
@@ -624,14 +650,31 @@ def plan_faults(params: ChaosParams) -> list[tuple[float, str, int]]:
     plan = []
     seen: Counter[str] = Counter()
     for n, kind in enumerate(kinds):
-        plan.append((window * (n + 1) / (len(kinds) + 1), kind, seen[kind]))
+        plan.append(PlannedFault(window * (n + 1) / (len(kinds) + 1), kind, seen[kind]))
+        seen[kind] += 1
+    return plan
+
+
+FAULT_KINDS = ("worker_kill", "redis_restart", "postgres_restart")
+
+
+def _explicit_plan(text: str) -> list[PlannedFault]:
+    """`kind@seconds` after the first send, or `kind@+seconds` after the fault before."""
+    plan = []
+    seen: Counter[str] = Counter()
+    for item in text.split(","):
+        kind, _, at = item.strip().partition("@")
+        if kind not in FAULT_KINDS or not at:
+            raise ValueError(f"fault_plan: {item!r} is not one of {FAULT_KINDS} @ seconds")
+        relative = at.startswith("+")
+        plan.append(PlannedFault(float(at.lstrip("+")), kind, seen[kind], relative))
         seen[kind] += 1
     return plan
 
 
 def _run_faults(
     cluster: Cluster,
-    plan: list[tuple[float, str, int]],
+    plan: list[PlannedFault],
     t0: float,
     events: list[FaultEvent],
     stop: threading.Event,
@@ -642,13 +685,16 @@ def _run_faults(
         "redis_restart": lambda _i: cluster.restart_redis(),
         "postgres_restart": lambda _i: cluster.restart_postgres(),
     }
-    for at, kind, index in plan:
+    previous_end = 0.0
+    for fault in plan:
+        kind = fault.kind
+        at = fault.at_s + (previous_end if fault.after_previous else 0.0)
         if stop.wait(max(0.0, t0 + at - time.monotonic())):
             return
         started = time.monotonic() - t0
         echo(f"chaos: t={started:.1f}s {kind} …")
-        target = actions[kind](index)
-        ended = time.monotonic() - t0
+        target = actions[kind](fault.index)
+        ended = previous_end = time.monotonic() - t0
         events.append(FaultEvent(kind, target, started, ended, datetime.now(UTC)))
         echo(f"chaos: t={ended:.1f}s {kind} {target} done ({ended - started:.1f}s)")
 
@@ -869,6 +915,23 @@ def classify_duplicates(
     return found
 
 
+def dead_consumer_threads(log_dir: Path) -> list[str]:
+    """Dramatiq consumer threads that died while their worker process kept running (a
+    dead `kodmobi.DQ` consumer never promotes a delayed message again)."""
+    found = []
+    for path in sorted(log_dir.glob("worker-*.log")):
+        consumer = "?"
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if "Consumer encountered an unexpected error" in line:
+                    with contextlib.suppress(ValueError):
+                        logger = str(json.loads(line).get("logger", "?"))
+                        consumer = logger.partition("ConsumerThread(")[2].rstrip(")") or logger
+                elif line.startswith("Exception in thread"):
+                    found.append(f"{path.stem}: {consumer}")
+    return found
+
+
 def retry_errors_from_logs(log_dir: Path) -> dict[str, list[str]]:
     """attempt id -> the errors our workers retried it after (`attempt.retry_scheduled`)."""
     found: dict[str, list[str]] = defaultdict(list)
@@ -891,7 +954,10 @@ def analyse(report: ChaosReport, outcome: Outcome, producers: Producers, log_dir
     for key, (via, http_id) in accepted.items():
         message = outcome.messages.get(key)
         if message is None:
-            report.lost.append(f"{via} {key}: no message in the database")
+            where = report.broker.stranded.get(key) if report.broker else None
+            report.lost.append(
+                f"{via} {key}: no message in the database" + (f"; {where}" if where else "")
+            )
             continue
         statuses[message["status"]] += 1
         if http_id is not None and message["id"] != http_id:
@@ -942,6 +1008,7 @@ def analyse(report: ChaosReport, outcome: Outcome, producers: Producers, log_dir
             for a in attempts
             for e in outcome.events.get(a["id"], ())
         )
+    report.dead_consumer_threads = dead_consumer_threads(log_dir)
     report.duplicates = classify_duplicates(
         sandbox_by_attempt, message_of_attempt, retry_errors_from_logs(log_dir)
     )
@@ -1038,6 +1105,49 @@ def _read_slots(redis_url: str) -> int | None:
     return None
 
 
+@dataclass
+class BrokerLeftovers:
+    """What the broker still holds once every message is final (or the bound passed)."""
+
+    queued: int = 0
+    delayed: int = 0
+    #: fetched by a worker that is still alive and never acknowledged: Dramatiq gives these
+    #: back only when that worker dies (or stops)
+    unacked: int = 0
+    dead_lettered: int = 0
+    #: Dramatiq message id -> where it sits, for the unacked ones
+    stranded: dict[str, str] = field(default_factory=dict)
+
+
+def read_broker(redis_url: str, namespace: str = "dramatiq") -> BrokerLeftovers | None:
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    except Exception:  # pragma: no cover - a bad URL
+        return None
+    try:
+        left = BrokerLeftovers(
+            queued=int(client.llen(f"{namespace}:kodmobi")),
+            delayed=int(client.llen(f"{namespace}:kodmobi.DQ")),
+            dead_lettered=int(client.zcard(f"{namespace}:kodmobi.XQ")),
+        )
+        for key in client.scan_iter(f"{namespace}:__acks__.*"):
+            name = key.decode()
+            queue = name.rsplit(".", 1)[-1] if not name.endswith(".DQ") else "kodmobi.DQ"
+            for redis_id in client.smembers(key):
+                left.unacked += 1
+                data = client.hget(f"{namespace}:{queue}.msgs", redis_id)
+                with contextlib.suppress(ValueError, TypeError):
+                    message = json.loads(data or b"")
+                    left.stranded[message["message_id"]] = (
+                        f"{message['actor_name']} unacked in {name.split('__acks__.')[1]}"
+                    )
+        return left
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
 def _save(path: Path, outcome: Outcome) -> None:
     """Everything read at the end, for a closer look after the run."""
     data = {
@@ -1104,6 +1214,7 @@ def run_chaos(params: ChaosParams, workdir: Path, echo: Echo | None = None) -> C
             report.drain_after_last_fault_s = max(0.0, when - t0 - report.last_fault_s)
             report.drain_after_last_send_s = max(0.0, when - t0 - report.sending_s)
         report.slots_leaked = _read_slots(cluster.redis_url)
+        report.broker = read_broker(cluster.redis_url)
         # Stragglers (a duplicated callback, a stale "sent") land before we read.
         time.sleep(1.0)
         outcome = collect(cluster, list(producers.accepted))
@@ -1195,17 +1306,28 @@ def format_report(report: ChaosReport) -> str:
     row("unexpected exits (crashes)", len(report.crashes), _mark(not report.crashes))
     if report.slots_leaked is not None:
         row("kod.mobi call slots held when idle", report.slots_leaked)
+    if report.broker is not None:
+        b = report.broker
+        row(
+            "broker when drained (queued/delayed/unacked/dead)",
+            f"{b.queued} / {b.delayed} / {b.unacked} / {b.dead_lettered}",
+        )
+    row(
+        "dead consumer threads in live workers",
+        ", ".join(report.dead_consumer_threads) or "0",
+    )
     row("peak sandbox callback backlog", report.peak_callbacks_pending)
     sandbox_responses = report.sandbox_stats.get("responses", {})
     row("sandbox answers", _counts(sandbox_responses))
     row("sandbox callbacks", _counts(report.sandbox_stats.get("callbacks", {})))
 
+    faults = Counter(f.kind for f in report.faults)
     width = max(len(r[0]) for r in rows)
     vwidth = min(60, max(len(r[1]) for r in rows))
     lines = [
         f"kodmobi chaos run: {p.messages} messages, {p.worker_processes} worker processes,"
-        f" {p.worker_kills} worker kills, {p.redis_restarts} Redis restart(s),"
-        f" {p.postgres_restarts} Postgres restart(s)",
+        f" {faults['worker_kill']} worker kills, {faults['redis_restart']} Redis restart(s),"
+        f" {faults['postgres_restart']} Postgres restart(s)",
         f"sandbox: {_pct(p.error_5xx_rate)} 5xx, {_pct(p.throttle_429_rate)} 429,"
         f" {_pct(p.slow_rate)} slow ({p.slow_ms} ms; read timeout {p.read_timeout_s:g} s),"
         f" {_pct(p.failure_callback_rate)} failure, {_pct(p.lost_callback_rate)} lost,"
@@ -1217,12 +1339,14 @@ def format_report(report: ChaosReport) -> str:
     ]
     lines += [f"{n.ljust(width)}  {v.ljust(vwidth)}  {c}".rstrip() for n, v, c in rows]
     details: list[str] = []
+    stranded = report.broker.stranded if report.broker else {}
     for title, items in (
         ("lost", report.lost),
         ("not accepted", report.not_accepted),
         ("fallback order", report.order_violations),
         ("consistency", report.consistency_violations),
         ("crashes", report.crashes),
+        ("unacked in live workers when drained", [f"{k}: {v}" for k, v in stranded.items()]),
         ("unexplained duplicates", [f"{d.attempt_id} ({d.message_id}): {d.reason}"
                                     for d in unexplained]),
     ):  # fmt: skip
