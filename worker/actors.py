@@ -14,6 +14,7 @@ from dramatiq.middleware import CurrentMessage
 from pydantic import ValidationError
 
 from worker.broker import QUEUE, setup_broker
+from worker.db import retry_on_disconnect
 from worker.limits import KodMobiSlots
 from worker.logging import get_logger
 from worker.runtime import configure_process_logging, get_runtime
@@ -59,47 +60,50 @@ def send_code(*args: Any, **kwargs: Any) -> None:
     Takes anything, so that a malformed message is recorded as `rejected` with a
     reason instead of failing in Dramatiq's own call (and being retried)."""
     current = CurrentMessage.get_current_message()
-    key: Any = kwargs.pop("idempotency_key", None)
-    if key is None and current is not None:
-        key = current.message_id
+    message_id = current.message_id if current is not None else None
+    # Wait out a database restart here rather than in a delayed Dramatiq retry: those
+    # sit in worker memory, and a Redis reconnect drops them (dramatiq#527).
+    attempt_id = retry_on_disconnect(lambda: _take_in(args, dict(kwargs), message_id))
+    if attempt_id is not None:
+        service().deliver(attempt_id)
+
+
+def _take_in(args: tuple[Any, ...], kwargs: dict[str, Any], message_id: str | None) -> str | None:
+    """Record the producer's message (or its rejection); the attempt to deliver, if any."""
     svc = service()
+    key: Any = kwargs.pop("idempotency_key", None)
+    if key is None:
+        key = message_id
+    raw_to = kwargs.get("to")
     if not valid_key(key):
-        fallback_key = current.message_id if current is not None else "unknown"
+        reason = "idempotency_key: must be text of 1 to 255 characters without NUL"
         svc.reject(
-            idempotency_key=fallback_key,
+            idempotency_key=message_id or "unknown",
             source="dramatiq",
-            reason="idempotency_key: must be text of 1 to 255 characters without NUL",
-            raw_to=kwargs.get("to"),
+            reason=reason,
+            raw_to=raw_to,
         )
-        return
+        return None
     if args:
-        svc.reject(
-            idempotency_key=key,
-            source="dramatiq",
-            reason="positional arguments are not accepted: pass keyword arguments",
-            raw_to=kwargs.get("to"),
-        )
-        return
+        reason = "positional arguments are not accepted: pass keyword arguments"
+        svc.reject(idempotency_key=key, source="dramatiq", reason=reason, raw_to=raw_to)
+        return None
     try:
         request = SendRequest.model_validate(kwargs)
     except ValidationError as exc:
         svc.reject(
-            idempotency_key=key,
-            source="dramatiq",
-            reason=describe_errors(exc),
-            raw_to=kwargs.get("to"),
+            idempotency_key=key, source="dramatiq", reason=describe_errors(exc), raw_to=raw_to
         )
-        return
+        return None
     try:
         result = svc.intake(request, idempotency_key=key, source="dramatiq")
     except IdempotencyConflict as exc:
         log.warning("message.idempotency_conflict", message_id=exc.message_id)
-        return
+        return None
     except RateLimited as exc:
         svc.reject(idempotency_key=key, source="dramatiq", reason=exc.reason, raw_to=request.to)
-        return
-    if result.attempt_id is not None:
-        svc.deliver(result.attempt_id)
+        return None
+    return result.attempt_id
 
 
 @dramatiq.actor(actor_name="deliver_attempt", queue_name=QUEUE, **RETRY_OPTIONS)

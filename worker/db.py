@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
+
+#: How long a step waits out a database restart before giving up and raising.
+RECONNECT_BUDGET_S = 60.0
 
 
 def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> Engine:
@@ -39,3 +48,28 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Postgres went away (restart, failover, network), as opposed to a bad statement."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def retry_on_disconnect(step: Callable[[], T], budget_s: float = RECONNECT_BUDGET_S) -> T:
+    """Run a transaction, and run it again while Postgres is unreachable.
+
+    For steps that must not be left half-done by a database restart: recording what
+    kod.mobi answered, and taking in a producer's message (whose Dramatiq retry would sit
+    in worker memory, where a Redis reconnect can drop it)."""
+    deadline = time.monotonic() + budget_s
+    pause = 0.1
+    while True:
+        try:
+            return step()
+        except DBAPIError as exc:
+            if not is_disconnect(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(random.uniform(pause / 2, pause))  # noqa: S311 - jitter
+        pause = min(pause * 2, 2.0)

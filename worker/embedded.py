@@ -122,7 +122,8 @@ class EmbeddedRedis:
     """A private redis-server in `root` on 127.0.0.1:`port`.
 
     It writes an append-only file so that a restart keeps the queues: a message a
-    producer enqueued must survive the broker going down.
+    producer enqueued must survive the broker going down. The file is synced every
+    second (a clean shutdown writes it all); syncing on every write cost ~10 ms a command.
     """
 
     def __init__(self, root: Path | str, port: int | None = None) -> None:

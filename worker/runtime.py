@@ -29,11 +29,9 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
-        engine = make_engine(
-            settings.database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_pool_size,
-        )
+        # Connections are opened on demand up to the pool size and then kept: overflow
+        # connections would be closed and reopened under load (a backend fork each).
+        engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=0)
         return cls(
             settings=settings,
             engine=engine,

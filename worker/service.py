@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, selectinload
 from ulid import ULID
 
 from worker import delivery as rules
-from worker.db import session_scope
+from worker.db import retry_on_disconnect, session_scope
 from worker.kodmobi.errors import AccountError, Action, KodMobiError, TransientError, decide
 from worker.kodmobi.models import ManualSendResponse
 from worker.limits import SlotsBusy
@@ -41,6 +41,8 @@ MAX_CHECKS = 5
 #: An attempt left `queued` this long after its dispatch is re-dispatched by the sweeper.
 REDISPATCH_AFTER_S = 20.0
 DRAWN_CODE_LENGTH = 6
+#: When every kod.mobi call slot is taken, try the attempt again this much later.
+SLOT_RETRY_S = 1.0
 
 
 def utcnow() -> datetime:
@@ -289,9 +291,17 @@ class Service:
         """Deliver an attempt, and the next ones inline while channels are refused."""
         next_id: str | None = attempt_id
         while next_id is not None:
-            next_id = self._deliver_one(next_id)
+            try:
+                with self._kodmobi_slot():
+                    next_id = self._deliver_one(next_id)
+            except SlotsBusy as exc:
+                # Taken before the attempt is marked `sending`: nothing left, nothing to undo.
+                log.warning("attempt.no_call_slot", attempt_id=next_id, error=str(exc))
+                self.hand_off(next_id, SLOT_RETRY_S)
+                return
 
     def _deliver_one(self, attempt_id: str) -> str | None:
+        """Send one attempt while holding a kod.mobi call slot; return the next to send."""
         now = utcnow()
         with self._tx() as s:
             row = self._lock(s, attempt_id)
@@ -326,20 +336,17 @@ class Service:
             bound = _bind(message, attempt)
         bound.info("attempt.sending", tries=attempt.tries)
         try:
-            with self._kodmobi_slot():
-                answer = self.rt.kodmobi.manual_send(
-                    to,
-                    channel,
-                    code=code,
-                    provider_id=provider_id,
-                    callback_url=self.callback_url(attempt_id),
-                )
+            answer = self.rt.kodmobi.manual_send(
+                to,
+                channel,
+                code=code,
+                provider_id=provider_id,
+                callback_url=self.callback_url(attempt_id),
+            )
         except KodMobiError as exc:
-            return self._record_failure(attempt_id, exc)
-        except SlotsBusy as exc:
-            # The call never left: retried like any transient error.
-            return self._record_failure(attempt_id, TransientError(str(exc)))
-        self._record_accepted(attempt_id, answer)
+            failure = exc
+            return retry_on_disconnect(lambda: self._record_failure(attempt_id, failure))
+        retry_on_disconnect(lambda: self._record_accepted(attempt_id, answer))
         return None
 
     @contextlib.contextmanager

@@ -77,7 +77,7 @@ class Settings(DatabaseSettings):
     recipient_limit: int = Field(5, alias="RECIPIENT_LIMIT", ge=0)
     recipient_window_s: float = Field(600.0, alias="RECIPIENT_WINDOW_S", gt=0)
     channel_cooldown_s: float = Field(60.0, alias="CHANNEL_COOLDOWN_S", ge=0)
-    db_pool_size: int = Field(20, alias="DB_POOL_SIZE", ge=1)
+    db_pool_size: int = Field(40, alias="DB_POOL_SIZE", ge=1)
 
     @field_validator("redis_url")
     @classmethod
