@@ -210,11 +210,23 @@ class Infra:
         return pids
 
     def versions(self) -> dict[str, str]:
+        """Server versions and the durability settings that weigh on every figure."""
+        pg: dict[str, str] = {}
         with psycopg.connect(self.pg_url) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-        pg_version = str(row[0]) if row else "?"
+            for name in ("server_version", "fsync", "synchronous_commit", "max_connections"):
+                row = conn.execute(f"SHOW {name}").fetchone()  # type: ignore[arg-type]
+                pg[name] = str(row[0]) if row else "?"
         info: dict[str, Any] = self.redis.info("server")  # type: ignore[assignment]
-        return {"postgres": pg_version, "redis": str(info.get("redis_version", "?"))}
+        redis_conf: dict[str, str] = {}
+        with contextlib.suppress(redis.RedisError):
+            for name in ("appendonly", "appendfsync"):
+                redis_conf.update(self.redis.config_get(name))  # type: ignore[arg-type]
+        return {
+            "postgres": pg.pop("server_version"),
+            "postgres_settings": " ".join(f"{k}={v}" for k, v in pg.items()),
+            "redis": str(info.get("redis_version", "?")),
+            "redis_settings": " ".join(f"{k}={v}" for k, v in redis_conf.items()) or "?",
+        }
 
 
 # -- the processes of one run ---------------------------------------------------------------------
@@ -1193,6 +1205,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def code_revision() -> str:
+    """The commit under test, and whether worker/ has uncommitted changes on top of it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "worker", "benchmarks"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "?"
+    return head + (" (+ uncommitted changes in worker/ or benchmarks/)" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median over runs)")
@@ -1239,6 +1268,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles: dict[str, Any] = {}
     started = time.time()
     info = machine()
+    info["code"] = code_revision()
     try:
         infra.start()
         info.update(infra.versions())
@@ -1286,6 +1316,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         infra.stop()
 
+    if args.json:
+        payload = {"machine": info, "results": results, "profiles": profiles}
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
     print()
     print(
         f"kodmobi-worker bench: {info['cpus']} CPUs ({info['cpu_model']}), "
@@ -1303,10 +1336,16 @@ def main(argv: list[str] | None = None) -> int:
         f"callbacks per run={n_callbacks} over {args.concurrency} connections, latency "
         f"{LATENCY_RATE:g} codes/s for {latency_s:g}s (half HTTP, half raw enqueue)"
     )
-    if infra.embedded:
+    print(
+        f"servers: Postgres {info.get('postgres_settings', '?')}; Redis "
+        f"{info.get('redis_settings', '?')}"
+        + (" (embedded, as `kodmobi dev` runs them)" if infra.embedded else "")
+    )
+    code_end = code_revision()
+    print(f"code: {info['code']}" + ("" if code_end == info["code"] else f" -> {code_end}"))
+    if code_end != info["code"]:
         print(
-            "servers: embedded Postgres (fsync=off, synchronous_commit=off) and Redis "
-            "(appendonly, appendfsync always), as `kodmobi dev` runs them"
+            "WARNING: worker/ changed while the bench ran: runs may have measured different code."
         )
     print(
         "method: backlogs are staged in Redis and released (RENAME) once both worker processes "
@@ -1349,9 +1388,6 @@ def main(argv: list[str] | None = None) -> int:
     if profiles:
         print_profiles(profiles, args.profile)
     print(f"\nlogs of every process: {workdir / 'logs'}; took {time.time() - started:.0f}s")
-    if args.json:
-        payload = {"machine": info, "results": results, "profiles": profiles}
-        args.json.write_text(json.dumps(payload, indent=2, default=str))
     return 0
 
 
