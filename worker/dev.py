@@ -31,7 +31,7 @@ from worker.embedded import (
 
 #: Dramatiq's consumer sleeps up to this many ms when its queue is empty (default 1000):
 #: a code someone waits for should not wait for a poll.
-WORKER_POLL_MS = "20"
+WORKER_POLL_MS = "10"
 
 
 @dataclass

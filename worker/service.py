@@ -140,7 +140,7 @@ class Service:
             if existing is not None:
                 return IntakeResult(existing, False, self._queued_attempt(s, existing.id))
             self._check_limits(s, request.to, chain[0], now)
-            inserted = s.execute(
+            message = s.scalars(
                 insert(Message)
                 .values(
                     id=message_id,
@@ -159,9 +159,9 @@ class Service:
                     expires_at=now + timedelta(seconds=ttl),
                 )
                 .on_conflict_do_nothing(index_elements=["idempotency_key"])
-                .returning(Message.id)
-            ).scalar_one_or_none()
-            if inserted is None:  # a concurrent intake with the same key won the race
+                .returning(Message)
+            ).one_or_none()
+            if message is None:  # a concurrent intake with the same key won the race
                 existing = self._existing(s, key, fingerprint)
                 assert existing is not None
                 return IntakeResult(existing, False, self._queued_attempt(s, existing.id))
@@ -178,8 +178,6 @@ class Service:
                 updated_at=now,
             )
             s.add(attempt)
-            s.flush()
-            message = s.get_one(Message, message_id)
         _bind(message).info("message.accepted", source=source, channels=chain)
         return IntakeResult(message, created=True, attempt_id=attempt.id)
 
