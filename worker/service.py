@@ -428,7 +428,12 @@ class Service:
             else:
                 self._finish_attempt(attempt, rules.ERROR, f"refused: {exc.reason}", now)
                 self._finish_message(
-                    s, message, rules.FAILED, f"recipient blocked: {exc.reason}", now
+                    s,
+                    message,
+                    rules.FAILED,
+                    f"recipient blocked: {exc.reason}",
+                    now,
+                    others_open=False,
                 )
                 return None
         delay = max(0.0, (retry_at - now).total_seconds())
@@ -457,8 +462,18 @@ class Service:
         attempt.updated_at = now
 
     def _finish_message(
-        self, s: Session, message: Message, status: str, reason: str | None, now: datetime
+        self,
+        s: Session,
+        message: Message,
+        status: str,
+        reason: str | None,
+        now: datetime,
+        *,
+        others_open: bool = True,
     ) -> None:
+        """Move the message to a final status. `others_open=False` when the caller has just
+        finished the message's only open attempt (there is one at a time), which saves
+        the statement that closes the rest."""
         if not rules.message_can_move(message.status, status):
             return
         message.status = status
@@ -467,7 +482,8 @@ class Service:
             message.delivered_at = now
         else:
             message.failure_reason = reason
-        self._close_open_attempts(s, message, now)
+        if others_open:
+            self._close_open_attempts(s, message, now)
         _bind(message).log(
             20 if status == rules.DELIVERED else 30, f"message.{status}", reason=reason
         )
@@ -485,8 +501,12 @@ class Service:
             )
         )
 
-    def _expire(self, s: Session, message: Message, now: datetime) -> None:
-        self._finish_message(s, message, rules.EXPIRED, "code TTL passed", now)
+    def _expire(
+        self, s: Session, message: Message, now: datetime, *, others_open: bool = True
+    ) -> None:
+        self._finish_message(
+            s, message, rules.EXPIRED, "code TTL passed", now, others_open=others_open
+        )
 
     def _fallback(
         self,
@@ -501,11 +521,16 @@ class Service:
         self._finish_attempt(attempt, status, reason, now)
         channel = rules.next_channel(message.channels, attempt.seq)
         if now >= message.expires_at:
-            self._expire(s, message, now)
+            self._expire(s, message, now, others_open=False)
             return None
         if channel is None:
             self._finish_message(
-                s, message, rules.FAILED, f"all channels failed; last: {reason}", now
+                s,
+                message,
+                rules.FAILED,
+                f"all channels failed; last: {reason}",
+                now,
+                others_open=False,
             )
             return None
         nxt = Attempt(
@@ -539,7 +564,11 @@ class Service:
                 return None
             message, attempt = row
             bound = _bind(message, attempt)
-            event_id = s.execute(
+            # Decide first, then store the event with its outcome in one statement. A
+            # repeat changes nothing: statuses only move forward, so applying the same
+            # status twice is a no-op; the unique key just keeps one row and counts.
+            outcome, applied, follow_up = self._apply(s, message, attempt, parsed, data, now)
+            stored = s.execute(
                 insert(CallbackEvent)
                 .values(
                     attempt_id=attempt_id,
@@ -551,24 +580,17 @@ class Service:
                     status_word=data.status_word[:64],
                     parsed_status=parsed,
                     kodmobi_message_id=data.kodmobi_message_id,
-                    applied=False,
-                    outcome="received",
+                    applied=applied,
+                    outcome=outcome,
                 )
                 .on_conflict_do_update(
                     constraint="uq_callback_events_attempt_status",
                     set_={"duplicates": CallbackEvent.duplicates + 1},
                 )
-                .returning(CallbackEvent.id, CallbackEvent.duplicates)
-            ).one()
-            if event_id.duplicates > 0:
+                .returning(CallbackEvent.duplicates)
+            ).scalar_one()
+            if stored > 0:
                 outcome, applied = "duplicate", False
-            else:
-                outcome, applied, follow_up = self._apply(s, message, attempt, parsed, data, now)
-                s.execute(
-                    update(CallbackEvent)
-                    .where(CallbackEvent.id == event_id.id)
-                    .values(outcome=outcome, applied=applied)
-                )
         event = "callback.applied" if applied else "callback.ignored"
         bound.info(event, status=data.status_word[:64], parsed=parsed, outcome=outcome)
         if follow_up is not None:
@@ -608,7 +630,7 @@ class Service:
         if parsed == rules.DELIVERED:
             if rules.attempt_can_move(attempt.status, rules.DELIVERED):
                 self._finish_attempt(attempt, rules.DELIVERED, "delivery callback", now)
-                self._finish_message(s, message, rules.DELIVERED, None, now)
+                self._finish_message(s, message, rules.DELIVERED, None, now, others_open=False)
                 return "delivered", True, None
             if (
                 attempt.status in (rules.TIMED_OUT, rules.ERROR)
