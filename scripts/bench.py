@@ -57,10 +57,25 @@ from worker.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for
 from worker.security import callback_token  # noqa: E402
 
 PYTHON = sys.executable
-#: The Procfile's worker settings.
-PROCESSES = 2
-THREADS = 16
-WORKER_POLL_MS = "20"
+
+
+def _procfile_worker() -> tuple[int, int, str]:
+    """(processes, threads, dramatiq_worker_timeout) from the Procfile's `worker:` line, so the
+    bench runs the workers exactly as deployed; Dramatiq's defaults for what it leaves out."""
+    processes, threads, poll = 2, 16, "1000"
+    with contextlib.suppress(OSError):
+        for line in (ROOT / "Procfile").read_text().splitlines():
+            if line.startswith("worker:"):
+                if m := re.search(r"--processes[ =](\d+)", line):
+                    processes = int(m[1])
+                if m := re.search(r"--threads[ =](\d+)", line):
+                    threads = int(m[1])
+                if m := re.search(r"dramatiq_worker_timeout=(\d+)", line):
+                    poll = m[1]
+    return processes, threads, poll
+
+
+PROCESSES, THREADS, WORKER_POLL_MS = _procfile_worker()
 FIGURES = ("limit", "e2e", "latency-bound", "latency", "callbacks", "memory")
 #: Sandbox answer delay of the latency-bound figure.
 SLOW_KODMOBI_MS = 200
@@ -1055,6 +1070,8 @@ class Row:
     target: str = ""
     check: Callable[[float], bool] | None = None
     digits: int = 0
+    #: "median", or "worst" for counts where any run's loss is a miss
+    agg: str = "median"
 
     def fmt(self, value: float) -> str:
         if value != value:
@@ -1062,12 +1079,13 @@ class Row:
         return f"{value:,.{self.digits}f}"
 
     def cells(self) -> list[str]:
-        med = median(self.values)
+        med = max(self.values) if self.agg == "worst" else median(self.values)
         verdict = ""
         if self.check is not None and med == med:
             verdict = "met" if self.check(med) else "MISSED"
         runs = ", ".join(self.fmt(v) for v in self.values)
-        return [f"{self.figure} ({self.unit})", self.fmt(med), runs, self.target, verdict]
+        shown = self.fmt(med) + (" (worst)" if self.agg == "worst" else "")
+        return [f"{self.figure} ({self.unit})", shown, runs, self.target, verdict]
 
 
 def print_table(rows: list[Row]) -> None:
@@ -1094,7 +1112,7 @@ def build_rows(results: dict[str, list[dict[str, Any]]]) -> list[Row]:
             rows.append(Row("  e2e / limit", "%", ratios, ">= 25%", lambda v: v >= 25, digits=1))
         rows.append(
             Row("  e2e not delivered", "msgs", [r["not_delivered"] for r in e2e], "0",
-                lambda v: v == 0)
+                lambda v: v == 0, agg="worst")
         )  # fmt: skip
     slow = results.get("latency-bound", [])
     if slow:
@@ -1104,7 +1122,7 @@ def build_rows(results: dict[str, list[dict[str, Any]]]) -> list[Row]:
         )  # fmt: skip
         rows.append(
             Row("  latency-bound not delivered", "msgs", [r["not_delivered"] for r in slow],
-                "0", lambda v: v == 0)
+                "0", lambda v: v == 0, agg="worst")
         )  # fmt: skip
     lat = results.get("latency", [])
     for path, name in (("http", "POST /v1/messages"), ("raw", "raw Dramatiq enqueue")):
@@ -1203,6 +1221,14 @@ def machine() -> dict[str, Any]:
         "dramatiq": dramatiq.__version__,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _count_lines(directory: Path, pattern: str, needle: str) -> int:
+    count = 0
+    for path in directory.glob(pattern):
+        with contextlib.suppress(OSError), open(path, errors="replace") as fh:
+            count += sum(1 for line in fh if needle in line)
+    return count
 
 
 def code_revision() -> str:
@@ -1328,10 +1354,11 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at start {info['loadavg_at_start']}"
     )
     print(
-        f"settings: worker {PROCESSES} processes x {THREADS} threads, dramatiq_worker_timeout="
-        f"{WORKER_POLL_MS} ms; web: 1 uvicorn process (--no-access-log); clock running during "
-        "e2e/latency runs; RECIPIENT_LIMIT=0 CHANNEL_COOLDOWN_S=0; LOG_LEVEL=WARNING (logging "
-        "cost is not measured here); sandbox callbacks at once; "
+        f"settings (from the Procfile): worker {PROCESSES} processes x {THREADS} threads, "
+        f"dramatiq_worker_timeout={WORKER_POLL_MS} ms; web: 1 uvicorn process "
+        "(--no-access-log); clock running during e2e/latency runs; RECIPIENT_LIMIT=0 "
+        "CHANNEL_COOLDOWN_S=0; LOG_LEVEL=WARNING (logging cost is not what we measure); "
+        "sandbox callbacks at once; "
         f"runs={args.runs}, codes per throughput run={n_e2e}, no-op messages={n_limit}, "
         f"callbacks per run={n_callbacks} over {args.concurrency} connections, latency "
         f"{LATENCY_RATE:g} codes/s for {latency_s:g}s (half HTTP, half raw enqueue)"
@@ -1383,6 +1410,12 @@ def main(argv: list[str] | None = None) -> int:
                 if worst > 0.3
                 else ""
             )
+        )
+    access_lines = _count_lines(workdir / "logs", "*-web.log", '"uvicorn.access"')
+    if access_lines:
+        print(
+            f"note: the web processes wrote {access_lines:,} uvicorn access-log lines despite "
+            "--no-access-log and LOG_LEVEL=WARNING: that logging is part of the web figures."
         )
     print_details(results)
     if profiles:
