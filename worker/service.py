@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, selectinload
 from ulid import ULID
@@ -43,6 +43,17 @@ REDISPATCH_AFTER_S = 20.0
 DRAWN_CODE_LENGTH = 6
 #: When every kod.mobi call slot is taken, try the attempt again this much later.
 SLOT_RETRY_S = 1.0
+
+
+# Built once: constructing and cache-keying a statement on every call cost more CPU
+# than running it.
+_LOCK_ATTEMPT = (
+    select(Message, Attempt)
+    .join(Attempt, Attempt.message_id == Message.id)
+    .where(Attempt.id == bindparam("attempt_id"))
+    .with_for_update()
+)
+_BY_KEY = select(Message).where(Message.idempotency_key == bindparam("key"))
 
 
 def utcnow() -> datetime:
@@ -190,7 +201,7 @@ class Service:
         ).first()
 
     def _existing(self, s: Session, key: str, fingerprint: str) -> Message | None:
-        message = s.scalars(select(Message).where(Message.idempotency_key == key)).one_or_none()
+        message = s.scalars(_BY_KEY, {"key": key}).one_or_none()
         if message is not None and message.fingerprint != fingerprint:
             raise IdempotencyConflict(message.id)
         return message
@@ -277,13 +288,9 @@ class Service:
         token = callback_token(self.settings.callback_secret.get_secret_value(), attempt_id)
         return f"{self.settings.public_base_url}/callbacks/kodmobi/{attempt_id}/{token}"
 
-    def _lock(self, s: Session, attempt_id: str, *, skip_locked: bool = False) -> Any:
-        return s.execute(
-            select(Message, Attempt)
-            .join(Attempt, Attempt.message_id == Message.id)
-            .where(Attempt.id == attempt_id)
-            .with_for_update(skip_locked=skip_locked)
-        ).one_or_none()
+    def _lock(self, s: Session, attempt_id: str) -> Any:
+        """The attempt and its message, locked (`SELECT … FOR UPDATE`)."""
+        return s.execute(_LOCK_ATTEMPT, {"attempt_id": attempt_id}).one_or_none()
 
     def deliver(self, attempt_id: str) -> None:
         """Deliver an attempt, and the next ones inline while channels are refused."""
