@@ -66,15 +66,13 @@ def test_the_faults_really_happened(report: ChaosReport) -> None:
     assert report.sandbox_stats["responses"].get("500", 0) > 0  # the sandbox misbehaved
 
 
-# -- a known loss: a Redis restart shortly after a Postgres outage ------------------------------
+# -- a Redis restart shortly after a Postgres outage ---------------------------------------------
 
-#: Postgres away for 4 s makes `send_code` fail and Dramatiq schedule its retries as delayed
-#: messages; a worker's `kodmobi.DQ` consumer holds those in memory until they are due. A
-#: Redis restart then makes that consumer drop them (dramatiq/worker.py, `_ConsumerThread.run`:
-#: `self.delay_queue = PriorityQueue()` on a connection error; or the thread dies when
-#: `close()` cannot requeue them) while they stay in that live worker's
-#: `__acks__.<worker>.kodmobi.DQ` set, which Dramatiq only gives back when the worker dies.
-#: Nothing is in Postgres yet, so the sweeper cannot help: the messages are lost.
+#: Postgres away for 4 s used to make `send_code` fail and Dramatiq schedule its retries as
+#: delayed messages, held in a worker's memory; a Redis restart then made that consumer drop
+#: them (dramatiq/worker.py resets its delay queue on a connection error) while they stayed
+#: in the live worker's ack set: lost. `send_code` now waits out the database in place
+#: (worker.db.retry_on_disconnect), so the message stays in flight and is never delayed.
 COMBINED = ChaosParams(
     messages=150,
     send_rate=25.0,
@@ -89,12 +87,6 @@ COMBINED = ChaosParams(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: send_code retries held as delayed messages by a live worker are stranded"
-    " in its Redis ack set by a Redis restart (Dramatiq drops its in-memory delay queue"
-    " on a connection error); the producer's messages are never recorded",
-)
 def test_a_redis_restart_after_a_postgres_outage_loses_no_producer_message(
     tmp_path: Path,
 ) -> None:
