@@ -208,14 +208,14 @@ def test_the_older_v2_api_creates_sends_and_checks(sandbox_url: str, client: Kod
     assert sent.type == "sms"
 
     # Then the right code checks and a wrong one does not (an undocumented field, kept)
-    assert client.v2_message_check(created.session_id, "5190").model_extra == {"valid": True}
-    assert client.v2_message_check(created.session_id, "0000").model_extra == {"valid": False}
+    assert client.v2_message_check(created.session_id, "5190").valid is True
+    assert client.v2_message_check(created.session_id, "0000").valid is False
 
     # And the channel check says whether the recipient is active there
     checked = client.v2_channel_check(created.session_id, "telegram")
     assert checked.success is True
     assert checked.type == "telegram"
-    assert checked.model_extra == {"is_active": True}
+    assert checked.is_active is True
 
 
 def test_v2_channel_check_reports_an_inactive_channel(client: KodMobiClient) -> None:
@@ -226,7 +226,7 @@ def test_v2_channel_check_reports_an_inactive_channel(client: KodMobiClient) -> 
 
     # When telegram is checked / Then it is not active
     checked = client.v2_channel_check(created.session_id, "telegram")
-    assert checked.model_extra == {"is_active": False}
+    assert checked.is_active is False
 
 
 # -- refusals, as the worker sees them ------------------------------------------------
