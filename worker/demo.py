@@ -148,7 +148,7 @@ def _path(case: Case) -> list[tuple[str, str]]:
 def _shown_path(case: Case) -> str:
     steps = []
     for a in (case.last or {}).get("attempts", []):
-        tries = f"x{a['tries']}" if a["tries"] > 1 else ""
+        tries = f" ({a['tries']} tries)" if a["tries"] > 1 else ""
         steps.append(f"{a['channel']}:{a['status']}{tries}")
     return " -> ".join(steps) or "-"
 
