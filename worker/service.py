@@ -736,20 +736,15 @@ class Service:
     # -- reading and checking ----------------------------------------------------------
 
     def get(self, message_id: str) -> MessageView | None:
-        with self._tx() as s:
-            message = s.scalars(
-                select(Message)
-                .where(Message.id == message_id)
-                .options(selectinload(Message.attempts))
-            ).one_or_none()
-            return None if message is None else view(message)
+        return self._view_where(Message.id == message_id)
 
     def find(self, idempotency_key: str) -> MessageView | None:
+        return self._view_where(Message.idempotency_key == idempotency_key)
+
+    def _view_where(self, condition: Any) -> MessageView | None:
         with self._tx() as s:
             message = s.scalars(
-                select(Message)
-                .where(Message.idempotency_key == idempotency_key)
-                .options(selectinload(Message.attempts))
+                select(Message).where(condition).options(selectinload(Message.attempts))
             ).one_or_none()
             return None if message is None else view(message)
 
