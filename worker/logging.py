@@ -157,8 +157,11 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "dramatiq"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+        library = logging.getLogger(name)
+        if not library.handlers and not library.propagate:
+            continue  # switched off on purpose (uvicorn --no-access-log): keep it off
+        library.handlers[:] = []
+        library.propagate = True
     # httpx logs every request URL at INFO: callback URLs are in request bodies, not
     # URLs, but keep it quiet anyway; our own events say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)

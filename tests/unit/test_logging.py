@@ -139,6 +139,20 @@ def test_uvicorn_loggers_with_their_own_handlers_are_routed_through_redaction() 
     assert only_record(stream)["logger"] == "uvicorn.access"
 
 
+def test_an_access_log_switched_off_by_uvicorn_stays_off() -> None:
+    # Given `uvicorn --no-access-log`: the access logger has no handler and does not propagate
+    access = logging.getLogger("uvicorn.access")
+    access.handlers[:] = []
+    access.propagate = False
+
+    # When logging is configured and a request is served
+    stream = configured()
+    access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5555", "GET", "/healthz", "1.1", 200)
+
+    # Then no access line is written
+    assert stream.getvalue() == ""
+
+
 def test_the_level_filters_events() -> None:
     # Given logging at WARNING
     stream = configured(level="warning")
