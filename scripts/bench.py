@@ -587,9 +587,9 @@ def _frame_package(frame: str) -> str:
     """The top-level package of a frame's file (`sqlalchemy`, `worker`, `threading`...)."""
     match = _FRAME.match(frame)
     file = match["file"] if match else frame
-    if file.startswith("<"):  # <frozen importlib...>, <sqlalchemy generated ...>
-        word = file[1:].split(" ", 1)[0]
-        return "importlib" if word == "frozen" else word
+    if file.startswith("<"):  # <frozen os>, <frozen importlib._bootstrap>, <sqlalchemy ...>
+        words = file[1:].rstrip(">").split(" ")
+        return words[1].split(".")[0] if words[0] == "frozen" and len(words) > 1 else words[0]
     return file.split("/", 1)[0].removesuffix(".py")
 
 
