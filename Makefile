@@ -20,6 +20,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check worker tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: install

@@ -15,7 +15,7 @@ MAINTENANCE_CHANCE = 10_000
 
 
 def build_broker(redis_url: str, namespace: str = "dramatiq") -> RedisBroker:
-    broker = RedisBroker(
+    broker = RedisBroker(  # type: ignore[no-untyped-call]
         url=redis_url,
         namespace=namespace,
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,

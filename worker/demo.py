@@ -122,7 +122,7 @@ def _submit(case: Case, api: httpx.Client, broker: Any) -> None:
         return
     import dramatiq
 
-    message = dramatiq.Message(
+    message: dramatiq.Message[Any] = dramatiq.Message(
         queue_name="kodmobi", actor_name="send_code", args=(), kwargs=case.body, options={}
     )
     broker.enqueue(message)
@@ -247,9 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if unexpected:
         print(f"demo: unexpected outcome for: {', '.join(unexpected)}", file=sys.stderr)
         return 1
-    print(
-        f"demo: all {len(all_cases)} messages final, each as expected. Logs: {options.log_dir}"
-    )
+    print(f"demo: all {len(all_cases)} messages final, each as expected. Logs: {options.log_dir}")
     return 0
 
 

