@@ -176,18 +176,8 @@ class Service:
                 existing = self._existing(s, key, fingerprint)
                 assert existing is not None
                 return IntakeResult(existing, False, self._queued_attempt(s, existing.id))
-            attempt = Attempt(
-                id=str(ULID()),
-                message_id=message_id,
-                seq=1,
-                channel=chain[0],
-                provider_id=request.provider_id,
-                status=rules.QUEUED,
-                next_try_at=now,
-                dispatched_at=now,
-                created_at=now,
-                updated_at=now,
-            )
+            # provider_id names a provider of one channel: it goes with the first only.
+            attempt = _new_attempt(message_id, 1, chain[0], request.provider_id, now)
             s.add(attempt)
         _bind(message).info("message.accepted", source=source, channels=chain)
         return IntakeResult(message, created=True, attempt_id=attempt.id)
@@ -541,17 +531,7 @@ class Service:
                 others_open=False,
             )
             return None
-        nxt = Attempt(
-            id=str(ULID()),
-            message_id=message.id,
-            seq=attempt.seq + 1,
-            channel=channel,
-            status=rules.QUEUED,
-            next_try_at=now,
-            dispatched_at=now,
-            created_at=now,
-            updated_at=now,
-        )
+        nxt = _new_attempt(message.id, attempt.seq + 1, channel, None, now)
         s.add(nxt)
         _bind(message, attempt).info(
             "fallback.triggered", from_channel=attempt.channel, to_channel=channel, reason=reason
@@ -772,6 +752,24 @@ class Service:
                 return CheckResult(valid=False, reason="mismatch")
             message.verified_at = now
             return CheckResult(valid=True)
+
+
+def _new_attempt(
+    message_id: str, seq: int, channel: str, provider_id: int | None, now: datetime
+) -> Attempt:
+    """A queued attempt, due now and counted as handed to the broker now."""
+    return Attempt(
+        id=str(ULID()),
+        message_id=message_id,
+        seq=seq,
+        channel=channel,
+        provider_id=provider_id,
+        status=rules.QUEUED,
+        next_try_at=now,
+        dispatched_at=now,
+        created_at=now,
+        updated_at=now,
+    )
 
 
 def view(message: Message) -> MessageView:
