@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, selectinload
 from ulid import ULID
@@ -293,8 +293,17 @@ class Service:
             except SlotsBusy as exc:
                 # Taken before the attempt is marked `sending`: nothing left, nothing to undo.
                 log.warning("attempt.no_call_slot", attempt_id=current, error=str(exc))
-                self.hand_off(current, SLOT_RETRY_S)
+                self._retry_later(current, SLOT_RETRY_S)
                 return
+
+    def _retry_later(self, attempt_id: str, delay_s: float) -> None:
+        """Leave a queued attempt for the clock to dispatch after `delay_s`."""
+        with self._tx() as s:
+            s.execute(
+                update(Attempt)
+                .where(Attempt.id == attempt_id, Attempt.status == rules.QUEUED)
+                .values(next_try_at=utcnow() + timedelta(seconds=delay_s), dispatched_at=None)
+            )
 
     def _deliver_one(self, attempt_id: str) -> str | None:
         """Send one attempt while holding a kod.mobi call slot; return the next to send."""
@@ -315,7 +324,7 @@ class Service:
                 _bind(message, attempt).debug("attempt.skipped", status=attempt.status)
                 return None
             if attempt.next_try_at > now + timedelta(milliseconds=50):
-                return None  # early: its delayed dispatch (or the sweeper) comes back
+                return None  # early: the clock dispatches it when it is due
             attempt.status = rules.SENDING
             attempt.tries += 1
             attempt.sent_at = now
@@ -400,9 +409,12 @@ class Service:
                     limited_tries=isinstance(exc, TransientError),
                 )
                 if plan.at is not None:
+                    # Not a delayed Dramatiq message: those live in worker memory, can be
+                    # enqueued twice (dramatiq#431) and are dropped when Redis reconnects
+                    # (dramatiq#527). The clock dispatches it once `next_try_at` is due.
                     attempt.status = rules.QUEUED
                     attempt.next_try_at = plan.at
-                    attempt.dispatched_at = now
+                    attempt.dispatched_at = None
                     attempt.reason = f"retrying after {exc.reason}"
                     retry_at = plan.at
                 elif isinstance(exc, TransientError):
@@ -444,7 +456,6 @@ class Service:
             delay_s=round(delay, 3),
             alert=alert,
         )
-        self.hand_off(attempt_id, delay)
         return None
 
     def hand_off(self, attempt_id: str, delay_s: float = 0.0) -> None:
@@ -687,14 +698,16 @@ class Service:
                 report.timed_out += 1
                 if follow_up:
                     report.dispatch.append(follow_up)
+        # Due attempts never handed over (retries, whose time has come) and attempts
+        # handed over long ago that are still queued (the broker lost them).
         stale = now - timedelta(seconds=REDISPATCH_AFTER_S)
         with self._tx() as s:
             attempts = s.scalars(
                 select(Attempt)
                 .where(
                     Attempt.status == rules.QUEUED,
-                    Attempt.next_try_at <= now - timedelta(seconds=2),
-                    func.coalesce(Attempt.dispatched_at, Attempt.created_at) <= stale,
+                    Attempt.next_try_at <= now,
+                    or_(Attempt.dispatched_at.is_(None), Attempt.dispatched_at <= stale),
                 )
                 .limit(batch)
                 .with_for_update(skip_locked=True)
