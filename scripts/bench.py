@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from worker.broker import QUEUE, build_broker  # noqa: E402
+from worker.dev import stop_processes  # noqa: E402
 from worker.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port  # noqa: E402
 from worker.security import callback_token  # noqa: E402
 
@@ -389,15 +390,7 @@ class System:
         return roles
 
     def stop(self) -> None:
-        for process in reversed(list(self.processes.values())):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(list(self.processes.values()))
         self.processes.clear()
         with contextlib.suppress(Exception):
             self.broker.close()

@@ -75,6 +75,20 @@ def _dev_secrets(root: Path) -> dict[str, str]:
     return values
 
 
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
+    """SIGTERM in reverse start order (clock before worker before web), then wait; kill
+    what is still there after `timeout_s`."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class DevSystem:
     """Starts everything in order, stops everything in reverse; a context manager."""
 
@@ -199,16 +213,7 @@ class DevSystem:
                 raise RuntimeError(f"process {name} exited with {code}{where}")
 
     def stop(self) -> None:
-        for name in reversed(list(self.processes)):
-            process = self.processes[name]
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(list(self.processes.values()))
         self.processes.clear()
         for log in self._logs:
             log.close()
