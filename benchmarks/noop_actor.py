@@ -13,9 +13,10 @@ import os
 
 import dramatiq
 
-from worker.broker import QUEUE, setup_broker
+from worker.broker import QUEUE, build_broker
 
-broker = setup_broker(os.environ["REDIS_URL"], os.environ.get("BROKER_NAMESPACE", "dramatiq"))
+broker = build_broker(os.environ["REDIS_URL"], os.environ.get("BROKER_NAMESPACE", "dramatiq"))
+dramatiq.set_broker(broker)
 
 
 @dramatiq.actor(actor_name="noop", queue_name=QUEUE)

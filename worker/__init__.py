@@ -4,7 +4,8 @@
     accepted = send_code("+79522966236", channels=["telegram", "sms"])
     check_code(accepted.id, "123456").valid
 
-Both read the environment (DESIGN §2) on first use; importing this package does not.
+Both read the environment (DESIGN §2) on first use; importing this package does not,
+and neither changes the host's logging configuration or its global Dramatiq broker.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def send_code(
     Raises InvalidRequest, IdempotencyConflict (same key, other request) or RateLimited."""
     from pydantic import ValidationError
 
-    from worker.actors import service
+    from worker import wiring
     from worker.schemas import SendRequest, describe_errors
-    from worker.service import accepted_view
+    from worker.usecases import intake, reads
 
     fields = {
         "to": to,
@@ -52,30 +53,35 @@ def send_code(
         request = SendRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         raise InvalidRequest(describe_errors(exc)) from None
-    svc = service()
-    result = svc.intake(request, idempotency_key=idempotency_key, source="python")
+    ctx = wiring.get().ctx
+    result = intake.accept(ctx, request, idempotency_key=idempotency_key, source="python")
     if result.created and result.attempt_id is not None:
-        svc.hand_off(result.attempt_id)
-    return accepted_view(result.message)
+        ctx.hand_off(result.attempt_id)
+    return reads.accepted_view(result.message)
 
 
 def check_code(message_id: str, code: str) -> CheckResult:
     """Is `code` the one sent for `message_id`? Constant-time; at most 5 checks."""
-    from worker.actors import service
-    from worker.schemas import CheckResult
+    from worker import wiring
+    from worker.schemas import CheckResult, is_ulid
+    from worker.usecases import reads
 
     if not isinstance(code, str) or not code.isdigit() or not 4 <= len(code) <= 6:
         return CheckResult(valid=False, reason="malformed")
-    result = service().check_code(message_id, code)
+    result = reads.check_code(wiring.get().ctx, message_id, code) if is_ulid(message_id) else None
     if result is None:
         raise LookupError(f"no message {message_id}")
     return result
 
 
 def __getattr__(name: str) -> Any:
-    # The service's exceptions, without importing the service at package import.
-    if name in ("IdempotencyConflict", "RateLimited"):
-        from worker import service
+    # The use cases' exceptions, without importing them at package import.
+    if name == "IdempotencyConflict":
+        from worker.usecases.intake import IdempotencyConflict
 
-        return getattr(service, name)
+        return IdempotencyConflict
+    if name == "RateLimited":
+        from worker.usecases.limits import RateLimited
+
+        return RateLimited
     raise AttributeError(name)

@@ -26,12 +26,15 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from worker.actors import log, service, settings
+    from worker import wiring
+    from worker.logging import get_logger
+    from worker.usecases.sweep import sweep
 
-    svc = service()
-    interval = args.interval or settings.sweep_interval_s
+    log = get_logger("worker.clock")
+    root = wiring.start("clock")
+    interval = args.interval or root.settings.sweep_interval_s
     if not args.forever:
-        report = svc.sweep()
+        report = sweep(root.ctx)
         print(
             json.dumps(
                 {
@@ -48,7 +51,7 @@ def _sweep(args: argparse.Namespace) -> int:
     log.info("sweep.started", interval_s=interval)
     while not stop.is_set():
         try:
-            svc.sweep()
+            sweep(root.ctx)
         except Exception as exc:  # database or Redis away: say so, and keep sweeping
             log.warning("sweep.failed", error=type(exc).__name__, detail=str(exc)[:300])
         stop.wait(interval)
@@ -87,11 +90,14 @@ def _send(args: argparse.Namespace) -> int:
     print(f"{accepted.id}  {accepted.status}  channels={','.join(accepted.channels)}")
     if not args.wait:
         return 0
-    from worker.actors import service
+    from worker import wiring
+    from worker.rules import MESSAGE_FINAL
+    from worker.usecases import reads
 
+    ctx = wiring.get().ctx
     while True:
-        found = service().get(accepted.id)
-        if found is not None and found.status in ("delivered", "failed", "expired", "rejected"):
+        found = reads.get(ctx, accepted.id)
+        if found is not None and found.status in MESSAGE_FINAL:
             print(format_message(found.model_dump(mode="json")))
             return 0 if found.status == "delivered" else 1
         time.sleep(0.2)
@@ -104,9 +110,11 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from worker.actors import service
+    from worker import wiring
+    from worker.usecases import reads
 
-    found = service().find(args.id) if args.key else service().get(args.id)
+    ctx = wiring.get().ctx
+    found = reads.find(ctx, args.id) if args.key else reads.get(ctx, args.id)
     if found is None:
         print(f"kodmobi: no message {args.id}", file=sys.stderr)
         return 1

@@ -21,8 +21,9 @@ import httpx
 from worker.dev import DevOptions, DevSystem
 from worker.embedded import default_root, free_port
 from worker.logging import mask_recipient
+from worker.rules import MESSAGE_FINAL
 
-FINAL = ("delivered", "failed", "expired", "rejected")
+FINAL = MESSAGE_FINAL
 #: The demo's deadline for a delivery callback: short, so the silent path shows quickly.
 DEMO_DELIVERY_TIMEOUT_S = "3"
 

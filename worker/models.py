@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from worker.delivery import ATTEMPT_STATUSES, MESSAGE_STATUSES
+from worker.rules import ATTEMPT_STATUSES, MESSAGE_STATUSES
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",

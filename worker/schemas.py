@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import phonenumbers
 from pydantic import (
@@ -18,9 +18,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from worker.settings import PHONE_CHANNELS
+from worker.rules import CHANNELS, PHONE_CHANNELS
 
+#: The channel names as the API's schema shows them (worker.rules.Channel's values).
 Channel = Literal["sms", "whatsapp", "telegram", "email"]
+assert set(get_args(Channel)) == set(CHANNELS)
 
 _EMAIL = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"

@@ -9,9 +9,7 @@ from typing import Annotated, Any, NoReturn
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-#: Channels kod.mobi knows; `email` reaches email addresses, the rest phones.
-CHANNELS = ("sms", "whatsapp", "telegram", "email")
-PHONE_CHANNELS = ("telegram", "whatsapp", "sms")
+from worker.rules import PHONE_CHANNELS
 
 
 def normalise_database_url(url: str) -> str:

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from ulid import ULID
 
 from tests.support.system import CALLBACK_SECRET, System, magic_phone
-from worker.delivery import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PROGRESS
+from worker.rules import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PROGRESS
 from worker.security import callback_token
 
 # The sandbox and the in-process worker draw from `random` on their own threads while

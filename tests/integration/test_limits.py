@@ -28,9 +28,13 @@ from sqlalchemy.engine import make_url
 
 from tests.support.servers import serve
 from tests.support.system import API_TOKEN, System, unique_phone
-from worker.limits import KodMobiSlots, SlotsBusy
+from worker.broker import build_broker
+from worker.call_slots import KodMobiSlots, SlotsBusy
+from worker.jobs import declare_actors
 from worker.schemas import SendRequest
-from worker.service import RateLimited, Service
+from worker.usecases import intake
+from worker.usecases.context import Context
+from worker.usecases.limits import RateLimited
 from worker.web.app import create_app
 
 LIMIT = 3
@@ -40,7 +44,7 @@ COOLDOWN_S = 60
 
 @dataclass
 class Limited:
-    service: Service
+    ctx: Context
     api: httpx.Client
 
     def send(self, to: str, channels: list[str], key: str | None = None) -> httpx.Response:
@@ -51,16 +55,18 @@ class Limited:
 @contextmanager
 def limited_app(system: System, **limits: Any) -> Iterator[Limited]:
     """A second web app over the same database and Redis, with these limits on."""
-    rt = system.service.rt
-    settings = rt.settings.model_copy(update=limits)
-    service = Service(dataclasses.replace(rt, settings=settings), system.service.dispatch)
+    root = system.root
+    settings = root.settings.model_copy(update=limits)
+    limited_root = dataclasses.replace(
+        root, settings=settings, ctx=dataclasses.replace(root.ctx, settings=settings)
+    )
     with (
-        serve(create_app(service)) as url,
+        serve(create_app(limited_root)) as url,
         httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10
         ) as api,
     ):
-        yield Limited(service, api)
+        yield Limited(limited_root.ctx, api)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +190,11 @@ def test_intake_raises_rate_limited_with_the_wait(limited: Limited) -> None:
     assert limited.send(to, ["whatsapp"]).status_code == 202
     # When the service is asked for another on whatsapp
     with pytest.raises(RateLimited) as raised:
-        limited.service.intake(
-            SendRequest(to=to, channels=["whatsapp"]), idempotency_key=None, source="python"
+        intake.accept(
+            limited.ctx,
+            SendRequest(to=to, channels=["whatsapp"]),
+            idempotency_key=None,
+            source="python",
         )
     # Then it says which limit and how long to wait
     assert "channel cooldown" in raised.value.reason
@@ -193,12 +202,12 @@ def test_intake_raises_rate_limited_with_the_wait(limited: Limited) -> None:
 
 
 def test_a_limited_dramatiq_message_ends_rejected_with_the_limit_as_reason(
-    limited: Limited, system: System, monkeypatch: pytest.MonkeyPatch
+    limited: Limited, system: System
 ) -> None:
     # Given the send_code actor running with limits on, and a recipient just sent a code
-    from worker import actors  # binds to the system's broker: import once it runs
-
-    monkeypatch.setattr(actors, "service", lambda: limited.service)
+    limited_root = dataclasses.replace(system.root, ctx=limited.ctx, broker=build_broker(
+        system.redis_url, system.root.settings.broker_namespace))
+    actors = declare_actors(limited_root)
     to = unique_phone()
     first_key, second_key = uuid.uuid4().hex, uuid.uuid4().hex
     actors.send_code.fn(to=to, channels=["telegram"], idempotency_key=first_key)

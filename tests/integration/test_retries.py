@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.support.system import System, magic_phone
-from worker.delivery import BASE_BACKOFF_S, TRANSIENT_TRIES
+from worker.rules import BASE_BACKOFF_S, TRANSIENT_TRIES
 
 #: The shortest time transient retries can take: each backoff is at least half its cap.
 MIN_TRANSIENT_BACKOFF_S = sum(BASE_BACKOFF_S * 2 ** (t - 1) / 2 for t in range(1, TRANSIENT_TRIES))

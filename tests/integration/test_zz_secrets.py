@@ -38,6 +38,7 @@ from tests.support.system import (
     unique_phone,
 )
 from worker.security import CodeBox, callback_token
+from worker.wiring import configure_process_logging
 
 OTHER_API_TOKEN = "other-token-zzzzzzzz"  # the system's second API_TOKENS entry
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
@@ -177,7 +178,9 @@ def sent_codes(system: System, message: dict[str, Any]) -> list[str]:
 
 
 def test_no_code_key_token_or_secret_reaches_the_logs(system: System) -> None:
-    # Given a capture of everything the process logs
+    # Given the process's logging set up as a Procfile process sets up its own, and a
+    # capture of everything the process logs
+    configure_process_logging(system.root.settings)
     with (
         captured_logs() as logs,
         httpx.Client(

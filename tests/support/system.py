@@ -1,10 +1,10 @@
-"""The whole system inside the test process: a fresh migrated database, the sandbox, the web
-app on a loopback socket, a real Dramatiq worker on Redis, and the sweeper."""
+"""The whole system inside the test process: a database cloned from a migrated template,
+the sandbox, the web app on a loopback socket, a real Dramatiq worker on Redis, and the
+sweeper."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 import uuid
@@ -19,27 +19,56 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from tests.support.servers import serve
+from worker import wiring
 from worker.embedded import free_port
+from worker.jobs import declare_actors
 from worker.migrate import upgrade as migrate
-from worker.settings import normalise_database_url
+from worker.rules import MESSAGE_FINAL
+from worker.settings import Settings, normalise_database_url
+from worker.usecases.sweep import sweep
+from worker.web.app import create_app
+from worker.wiring import Root
 
 API_KEY = "sandbox-test-key-0123456789"
 API_TOKEN = "test-token-abcdefghijklmnop"
 CALLBACK_SECRET = "callback-secret-0123456789abcdef"
 CODE_KEY = "code-key-0123456789abcdef0123456789"
-FINAL = {"delivered", "failed", "expired", "rejected"}
+FINAL = MESSAGE_FINAL
+
+
+def _admin_url(server_url: str) -> tuple[Any, str]:
+    url = make_url(normalise_database_url(server_url))
+    return url, url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new, empty, migrated database on `server_url`'s server; dropped afterwards."""
-    url = make_url(normalise_database_url(server_url))
-    name = f"kodmobi_test_{uuid.uuid4().hex[:10]}"
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+def template_database(server_url: str) -> Iterator[str]:
+    """A database migrated once, to clone test databases from; dropped afterwards."""
+    url, admin = _admin_url(server_url)
+    name = f"kodmobi_template_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     db_url = url.set(database=name).render_as_string(hide_password=False)
-    migrate(db_url)
+    try:
+        migrate(db_url)
+        yield name
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def fresh_database(server_url: str, template: str | None = None) -> Iterator[str]:
+    """A new migrated database on `server_url`'s server, cloned from `template` when given
+    (`CREATE DATABASE … TEMPLATE`, a file copy) or migrated from empty; dropped afterwards."""
+    url, admin = _admin_url(server_url)
+    name = f"kodmobi_test_{uuid.uuid4().hex[:10]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"{clause}')
+    db_url = url.set(database=name).render_as_string(hide_password=False)
+    if template is None:
+        migrate(db_url)
     try:
         yield db_url
     finally:
@@ -54,7 +83,9 @@ class System:
     sandbox_url: str
     web_url: str
     broker: Any
-    service: Any
+    root: Root
+    #: The settings as environment variables, for processes started on this system.
+    env: dict[str, str]
     api: httpx.Client
     sandbox: httpx.Client
     extras: dict[str, Any] = field(default_factory=dict)
@@ -118,20 +149,29 @@ def magic_phone(telegram: int, whatsapp: int = 0, sms: int = 0) -> str:
     return f"+79990{telegram:02d}{whatsapp:02d}{sms:02d}"
 
 
+def test_settings(**values: str) -> Settings:
+    """Settings from these environment-style values alone (the process environment is
+    not consulted for them: init values win over it)."""
+    return Settings(**values)  # type: ignore[arg-type]
+
+
 @contextmanager
 def running_system(
     pg_server_url: str,
     redis_url: str,
     *,
+    template: str | None = None,
     delivery_timeout_s: float = 2.0,
     sweep_interval_s: float = 0.2,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[System]:
+    """The whole system on its own database, Redis namespace, broker and sandbox; its root
+    is this process's for the Python API (`from worker import send_code`) while it runs."""
     from worker.sandbox.app import create_app as create_sandbox
     from worker.sandbox.config import SandboxConfig
 
     with ExitStack() as stack:
-        db_url = stack.enter_context(fresh_database(pg_server_url))
+        db_url = stack.enter_context(fresh_database(pg_server_url, template))
         sandbox_url = stack.enter_context(
             serve(create_sandbox(SandboxConfig(api_key=API_KEY, callback_delay_ms=20)))
         )
@@ -153,21 +193,14 @@ def running_system(
             "LOG_LEVEL": "INFO",
             **(extra_env or {}),
         }
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        stack.callback(_restore_env, saved)
+        root = wiring.build(test_settings(**env))
+        stack.callback(root.close)
+        previous = wiring.use(root)
+        stack.callback(wiring.use, previous)
+        declare_actors(root)
 
-        from worker.settings import get_settings
-
-        get_settings.cache_clear()
-        from worker import actors
-
-        broker = actors.broker
-        service = actors.service()
-        from worker.web.app import create_app
-
-        web_url = stack.enter_context(serve(create_app(), port=web_port))
-        worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=50)
+        web_url = stack.enter_context(serve(create_app(root), port=web_port))
+        worker = dramatiq.Worker(root.broker, worker_threads=8, worker_timeout=50)
         worker.start()
         stack.callback(worker.stop)
 
@@ -176,7 +209,7 @@ def running_system(
         def sweep_forever() -> None:
             while not stop.is_set():
                 with contextlib.suppress(Exception):  # keep sweeping, as the clock does
-                    service.sweep()
+                    sweep(root.ctx)
                 stop.wait(sweep_interval_s)
 
         sweeper = threading.Thread(target=sweep_forever, daemon=True)
@@ -197,16 +230,9 @@ def running_system(
             redis_url=redis_url,
             sandbox_url=sandbox_url,
             web_url=web_url,
-            broker=broker,
-            service=service,
+            broker=root.broker,
+            root=root,
+            env=env,
             api=api,
             sandbox=sandbox,
         )
-
-
-def _restore_env(saved: dict[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value

@@ -1,4 +1,4 @@
-"""The pure delivery rules of worker/delivery.py: status order, the fallback chain, retry
+"""The pure delivery rules of worker/rules.py: status order, the fallback chain, retry
 timing, and the callback status words (DESIGN §4, §5, §6, §7)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker import delivery as rules
+from worker import rules
 
 # The running system's threads (Dramatiq's consumers, the retry jitter) draw from the global
 # `random` while Hypothesis generates, which it takes for a strategy using `random`.

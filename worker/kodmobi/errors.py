@@ -20,9 +20,17 @@ class Action(enum.Enum):
 
 
 class KodMobiError(Exception):
-    """Any failure talking to kod.mobi. `action` says what the worker should do."""
+    """Any failure talking to kod.mobi. The class declares the whole policy for it:
+
+    - `action`: retry the same channel, fall back to the next, or fail the message;
+    - `limited_tries`: a retry counts against the transient budget (rules.TRANSIENT_TRIES),
+      after which the channel is given up; otherwise retries go on while the code lives;
+    - `alert`: a person must look (logged as an error with `alert=true`).
+    """
 
     action: Action = Action.FALLBACK
+    limited_tries: bool = False
+    alert: bool = False
 
     def __init__(
         self,
@@ -76,6 +84,7 @@ class AccountError(KodMobiError):
     """Our account cannot send (balance, access, API key): retry and alert; fallback won't help."""
 
     action = Action.RETRY
+    alert = True
 
 
 class RequestRefusedError(KodMobiError):
@@ -85,9 +94,11 @@ class RequestRefusedError(KodMobiError):
 
 
 class TransientError(KodMobiError):
-    """5xx, connection failure, timeout or garbled answer: retry with backoff and jitter."""
+    """5xx, connection failure, timeout or garbled answer: retry with backoff and jitter,
+    a few times; then this channel is given up."""
 
     action = Action.RETRY
+    limited_tries = True
 
 
 class ServerError(TransientError):

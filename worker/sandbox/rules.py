@@ -13,8 +13,10 @@ from urllib.parse import urlsplit
 import phonenumbers
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-CHANNELS = ("sms", "whatsapp", "telegram", "email")
-PHONE_CHANNELS = frozenset({"sms", "whatsapp", "telegram"})
+from worker.rules import CHANNELS
+from worker.rules import PHONE_CHANNELS as _PHONE_CHAIN
+
+PHONE_CHANNELS = frozenset(_PHONE_CHAIN)
 #: the older api/v2 endpoints know phones only
 V2_CHANNELS = ("sms", "whatsapp", "telegram")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
@@ -17,13 +17,17 @@ from worker.schemas import (
     SendRequest,
     is_ulid,
 )
-from worker.service import IdempotencyConflict, RateLimited, Service, accepted_view
-from worker.web.deps import get_service, require_token
+from worker.usecases import intake, reads
+from worker.usecases.context import Context
+from worker.usecases.intake import IdempotencyConflict
+from worker.usecases.limits import RateLimited
+from worker.web.deps import get_context, get_root, require_token
+from worker.wiring import Root
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], tags=["messages"])
 health = APIRouter(tags=["health"])
 
-ServiceDep = Annotated[Service, Depends(get_service)]
+ContextDep = Annotated[Context, Depends(get_context)]
 _ERR: dict[str, Any] = {"content": {"application/json": {}}}
 
 
@@ -41,14 +45,14 @@ _ERR: dict[str, Any] = {"content": {"application/json": {}}}
 def create_message(
     body: SendRequest,
     response: Response,
-    service: ServiceDep,
+    ctx: ContextDep,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", pattern=KEY_PATTERN)
     ] = None,
 ) -> AcceptedView:
     """Accept a code to send; the first attempt is handed to a worker at once."""
     try:
-        result = service.intake(body, idempotency_key=idempotency_key, source="http")
+        result = intake.accept(ctx, body, idempotency_key=idempotency_key, source="http")
     except IdempotencyConflict as exc:
         raise HTTPException(409, detail=str(exc)) from None
     except RateLimited as exc:
@@ -57,10 +61,10 @@ def create_message(
         ) from None
     if result.created:
         assert result.attempt_id is not None
-        service.hand_off(result.attempt_id)
+        ctx.hand_off(result.attempt_id)
     else:
         response.status_code = 200
-    return accepted_view(result.message)
+    return reads.accepted_view(result.message)
 
 
 @router.get(
@@ -68,9 +72,9 @@ def create_message(
     response_model=MessageView,
     responses={404: {"description": "no such message", **_ERR}},
 )
-def get_message(message_id: str, service: ServiceDep) -> MessageView:
+def get_message(message_id: str, ctx: ContextDep) -> MessageView:
     """A message's status with every attempt."""
-    found = service.get(message_id) if is_ulid(message_id) else None
+    found = reads.get(ctx, message_id) if is_ulid(message_id) else None
     if found is None:
         raise HTTPException(404, detail="message not found")
     return found
@@ -82,11 +86,11 @@ def get_message(message_id: str, service: ServiceDep) -> MessageView:
     responses={404: {"description": "no message with that key", **_ERR}},
 )
 def find_message(
-    service: ServiceDep,
+    ctx: ContextDep,
     idempotency_key: Annotated[str, Query(pattern=KEY_PATTERN)],
 ) -> MessageView:
     """The message recorded under an idempotency key (for Dramatiq producers, the message id)."""
-    found = service.find(idempotency_key)
+    found = reads.find(ctx, idempotency_key)
     if found is None:
         raise HTTPException(404, detail="message not found")
     return found
@@ -97,9 +101,9 @@ def find_message(
     response_model=CheckResult,
     responses={404: {"description": "no such message", **_ERR}},
 )
-def check_code(message_id: str, body: CheckRequest, service: ServiceDep) -> CheckResult:
+def check_code(message_id: str, body: CheckRequest, ctx: ContextDep) -> CheckResult:
     """Is this the code we sent? At most 5 checks per message; never once expired."""
-    result = service.check_code(message_id, body.code) if is_ulid(message_id) else None
+    result = reads.check_code(ctx, message_id, body.code) if is_ulid(message_id) else None
     if result is None:
         raise HTTPException(404, detail="message not found")
     return result
@@ -112,17 +116,17 @@ def healthz() -> dict[str, str]:
 
 
 @health.get("/readyz", responses={503: {"description": "a dependency is down", **_ERR}})
-def readyz(request: Request, service: ServiceDep) -> Any:
+def readyz(root: Annotated[Root, Depends(get_root)]) -> Any:
     """Postgres and Redis are reachable."""
     checks: dict[str, str] = {}
     try:
-        with service.rt.engine.connect() as conn:
+        with root.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         checks["postgres"] = "ok"
     except Exception as exc:
         checks["postgres"] = f"down: {type(exc).__name__}"
     try:
-        request.app.state.redis_ping()
+        root.redis.ping()
         checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"down: {type(exc).__name__}"

@@ -8,29 +8,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.service import Service
+from worker import wiring
 from worker.web import api, callbacks
 
 
-def create_app(service: Service | None = None) -> FastAPI:
-    """Build the app; without a service, one is built from the environment (and the
-    process stops here, with one line, if a setting is missing)."""
-    if service is None:
-        from worker import actors  # sets up the broker from the same settings
-
-        service = actors.service()
-        redis_client = actors.broker.client
-    else:
-        redis_client = service.rt.extras.get("redis")
+def create_app(root: wiring.Root | None = None) -> FastAPI:
+    """Build the app over `root`; without one, this process's root is built from the
+    environment (and the process stops here, with one line, if a setting is missing)."""
+    if root is None:
+        root = wiring.start("web")
 
     app = FastAPI(
         title="kodmobi-worker",
         version="0.1.0",
         description="Send one-time codes through kod.mobi, with channel fallback.",
     )
-    app.state.service = service
-    app.state.api_tokens = [t.get_secret_value().encode() for t in service.settings.api_tokens]
-    app.state.redis_ping = (lambda: redis_client.ping()) if redis_client is not None else _no_redis
+    app.state.root = root
+    app.state.api_tokens = [t.get_secret_value().encode() for t in root.settings.api_tokens]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -60,7 +54,3 @@ def create_app(service: Service | None = None) -> FastAPI:
     app.include_router(api.health)
     app.include_router(callbacks.router)
     return app
-
-
-def _no_redis() -> None:
-    raise RuntimeError("no redis configured")

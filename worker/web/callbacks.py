@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 from worker.logging import get_logger
 from worker.schemas import db_text, is_ulid
 from worker.security import verify_callback_token
-from worker.service import CallbackData, Service
+from worker.usecases.callbacks import CallbackData, apply_callback
+from worker.wiring import Root
 
 router = APIRouter(tags=["callbacks"])
 log = get_logger("worker.callbacks")
@@ -114,8 +115,8 @@ def _message_id(fields: dict[str, Any]) -> int | None:
 )
 async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSONResponse:
     """A delivery status for one attempt. A wrong token changes nothing."""
-    service: Service = request.app.state.service
-    secret = service.settings.callback_secret.get_secret_value()
+    root: Root = request.app.state.root
+    secret = root.settings.callback_secret.get_secret_value()
     if not is_ulid(attempt_id) or not verify_callback_token(secret, attempt_id, token):
         log.warning("callback.rejected", attempt_id=db_text(attempt_id[:64]), reason="bad token")
         return _reply(404, "not found")
@@ -136,7 +137,7 @@ async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSO
         status_word=_status_word(fields),
         kodmobi_message_id=_message_id(fields),
     )
-    outcome = await run_in_threadpool(service.apply_callback, attempt_id, data)
+    outcome = await run_in_threadpool(apply_callback, root.ctx, attempt_id, data)
     if outcome is None:
         return _reply(404, "not found")
     return JSONResponse({"ok": True, "outcome": outcome})

@@ -1,4 +1,5 @@
-"""Request-scoped access to the process's service, and bearer-token authentication."""
+"""Request-scoped access to the process's root and use-case context, and bearer-token
+authentication."""
 
 from __future__ import annotations
 
@@ -7,14 +8,20 @@ import hmac
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from worker.service import Service
+from worker.usecases.context import Context
+from worker.wiring import Root
 
 _bearer = HTTPBearer(auto_error=False, description="one of API_TOKENS")
 
 
-def get_service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
+def get_root(request: Request) -> Root:
+    root: Root = request.app.state.root
+    return root
+
+
+def get_context(request: Request) -> Context:
+    root: Root = request.app.state.root
+    return root.ctx
 
 
 def require_token(

@@ -1,0 +1,73 @@
+"""What every use case needs from the process, built by worker.wiring and passed down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.db import session_scope
+from worker.kodmobi import KodMobiClient
+from worker.logging import get_logger, mask_recipient
+from worker.models import Attempt, Message
+from worker.security import CodeBox, callback_token
+from worker.settings import Settings
+
+#: Hand an attempt to a worker (enqueue `deliver_attempt`).
+Dispatch = Callable[[str], None]
+#: A cap on concurrent kod.mobi calls shared by all processes (worker.call_slots).
+Slots = Callable[[], AbstractContextManager[None]]
+
+log = get_logger("worker.usecases")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    codebox: CodeBox
+    kodmobi: KodMobiClient
+    dispatch: Dispatch
+    #: None: no cap (tests of one use case).
+    slots: Slots | None = None
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        """One transaction: commit on success, roll back on any exception."""
+        with session_scope(self.sessions) as session:
+            yield session
+
+    def callback_url(self, attempt_id: str) -> str:
+        token = callback_token(self.settings.callback_secret.get_secret_value(), attempt_id)
+        return f"{self.settings.public_base_url}/callbacks/kodmobi/{attempt_id}/{token}"
+
+    def hand_off(self, attempt_id: str) -> None:
+        """Dispatch an attempt; if the broker is away the sweeper re-dispatches it later."""
+        try:
+            self.dispatch(attempt_id)
+        except Exception as exc:
+            log.warning("attempt.dispatch_failed", attempt_id=attempt_id, error=str(exc))
+
+    @contextmanager
+    def call_slot(self) -> Iterator[None]:
+        if self.slots is None:
+            yield
+            return
+        with self.slots():
+            yield
+
+
+def bind(message: Message, attempt: Attempt | None = None) -> Any:
+    """A logger bound to a message (masked recipient) and, when given, its attempt."""
+    bound = log.bind(message_id=message.id, recipient=mask_recipient(message.recipient))
+    if attempt is not None:
+        bound = bound.bind(attempt_id=attempt.id, channel=attempt.channel, seq=attempt.seq)
+    return bound
