@@ -23,13 +23,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import structlog
 from cryptography.exceptions import InvalidTag
-from psycopg.rows import dict_row
-from sqlalchemy.engine import make_url
 
+from tests.support.db import connect
 from tests.support.system import (
     API_KEY,
     API_TOKEN,
@@ -47,13 +45,6 @@ from worker.settings import Settings
 OTHER_API_TOKEN = "other-token-zzzzzzzz"  # the system's second API_TOKENS entry
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 EVENTS = ("message.accepted", "attempt.accepted", "callback.applied", "fallback.triggered")
-
-
-def _db(system: System) -> psycopg.Connection[dict[str, Any]]:
-    url = make_url(system.db_url).set(drivername="postgresql")
-    return psycopg.connect(
-        url.render_as_string(hide_password=False), autocommit=True, row_factory=dict_row
-    )
 
 
 def new_code() -> str:
@@ -218,7 +209,7 @@ def test_no_code_key_token_or_secret_reaches_the_logs(
     assert not leaked_codes, f"codes in the logs: {leaked_codes}"
 
     # And neither does any key, bearer token, secret, or callback token of any attempt
-    with _db(system) as conn:
+    with connect(system) as conn:
         attempt_ids = [row["id"] for row in conn.execute("SELECT id FROM attempts")]
     named = {
         "KODMOBI_API_KEY": API_KEY,
@@ -247,7 +238,7 @@ def stored(system: System) -> tuple[str, str, dict[str, Any]]:
     )
     message_id = created.json()["id"]
     system.wait_final(message_id)
-    with _db(system) as conn:
+    with connect(system) as conn:
         row = conn.execute("SELECT * FROM messages WHERE id = %s", (message_id,)).fetchone()
     assert row is not None
     return code, message_id, row
