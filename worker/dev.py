@@ -79,7 +79,7 @@ class DevSystem:
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.options.web_port}"
+        return processes.local_url(self.options.web_port)
 
     @property
     def api_token(self) -> str:
@@ -115,7 +115,7 @@ class DevSystem:
                 "sandbox", processes.sandbox(port, env["KODMOBI_API_KEY"], *opts.sandbox_args)
             )
             wait_for_port(port)
-            env["KODMOBI_BASE_URL"] = f"http://127.0.0.1:{port}"
+            env["KODMOBI_BASE_URL"] = processes.local_url(port)
         self._spawn("web", processes.local_web(opts.web_port))
         self._spawn(
             "worker",

@@ -30,6 +30,8 @@ from typing import IO, Any
 
 import httpx
 
+from worker.embedded import free_port
+
 #: Dramatiq's consumer sleeps up to this many ms when its queue is empty (default 1000):
 #: a code someone waits for should not wait for a poll.
 WORKER_POLL_MS = 10
@@ -44,6 +46,26 @@ PROCFILE_HOST = "0.0.0.0"
 PROCFILE_PORT = "${PORT:-8000}"
 #: The harnesses' web address.
 LOCAL_HOST = "127.0.0.1"
+
+
+def local_url(port: int) -> str:
+    return f"http://{LOCAL_HOST}:{port}"
+
+
+class LocalEndpoints:
+    """Where a harness's web and sandbox listen: loopback ports of their own."""
+
+    def __init__(self) -> None:
+        self.web_port = free_port()
+        self.sandbox_port = free_port()
+
+    @property
+    def web_url(self) -> str:
+        return local_url(self.web_port)
+
+    @property
+    def sandbox_url(self) -> str:
+        return local_url(self.sandbox_port)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ lost (20 s), and then its whole chain: per channel up to 4 transient tries (each
 timeout plus backoff of at most 2 s) and the delivery timeout, about 3 × 17 s for three
 channels with the defaults below. That is about 90 s; the default bound is 120 s,
 counted from the last fault or the last send, whichever came later.
+
+The modules: `model` (what a run is given and finds), `cluster` (the processes, from
+worker.processes, and the faults they suffer), `producers`, `faults` (the plan and its
+thread), `outcome` (reading Postgres, the sandbox's record, Redis), `analysis` (the
+checks), `sampler` (CPU and callback backlog each second), `run` (`run_chaos`), `report`
+(the table).
 """
 
 from tests.support.chaos.analysis import check_consistency, check_order, classify_duplicates

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.support.chaos.model import ChaosParams, Echo
 from worker import processes
-from worker.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
+from worker.embedded import EmbeddedPostgres, EmbeddedRedis, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -30,7 +30,7 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.upper() not in names}
 
 
-class Cluster:
+class Cluster(processes.LocalEndpoints):
     """Postgres, Redis, the sandbox, web, N workers and clock; a watchdog restarts any
     process that dies without being killed on purpose, and records it as a crash."""
 
@@ -43,8 +43,7 @@ class Cluster:
         self.redis = EmbeddedRedis(workdir / "redis")
         self.api_key = "sandbox-" + secrets.token_urlsafe(18)
         self.api_token = "chaos-" + secrets.token_urlsafe(24)
-        self.web_port = free_port()
-        self.sandbox_port = free_port()
+        super().__init__()
         #: the workers' Dramatiq namespace, which their call slots share (worker.limits)
         self.namespace = "dramatiq"
         self.env: dict[str, str] = {}
@@ -56,14 +55,6 @@ class Cluster:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
-
-    @property
-    def web_url(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    @property
-    def sandbox_url(self) -> str:
-        return f"http://127.0.0.1:{self.sandbox_port}"
 
     def start(self) -> None:
         p = self.params
@@ -168,18 +159,19 @@ class Cluster:
         return worker.name
 
     def restart_redis(self) -> str:
-        self.redis.stop()
-        time.sleep(self.params.redis_downtime_s)
-        self.redis.start()
-        self.server_restarts["redis"] += 1
-        return "redis"
+        return self._restart_server("redis", self.redis, self.params.redis_downtime_s)
 
     def restart_postgres(self) -> str:
-        self.postgres.stop()
-        time.sleep(self.params.postgres_downtime_s)
-        self.postgres.start()
-        self.server_restarts["postgres"] += 1
-        return "postgres"
+        return self._restart_server("postgres", self.postgres, self.params.postgres_downtime_s)
+
+    def _restart_server(
+        self, name: str, server: EmbeddedPostgres | EmbeddedRedis, downtime_s: float
+    ) -> str:
+        server.stop()
+        time.sleep(downtime_s)
+        server.start()
+        self.server_restarts[name] += 1
+        return name
 
     def restarts(self) -> dict[str, int]:
         counts = {name: p.restarts for name, p in self.processes.items() if p.restarts}

@@ -83,6 +83,14 @@ def _rows(database_url: str, sql: str, *params: Any) -> list[dict[str, Any]]:
         return cur.execute(sql, params).fetchall()
 
 
+def _grouped(database_url: str, by: str, sql: str, *params: Any) -> dict[str, list[dict[str, Any]]]:
+    """The rows of `sql` grouped by their column `by`, in the order the query gives them."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in _rows(database_url, sql, *params):
+        groups[row[by]].append(row)
+    return dict(groups)
+
+
 def collect(cluster: Cluster, keys: list[str]) -> Outcome:
     url = cluster.database_url
     messages = {
@@ -95,24 +103,22 @@ def collect(cluster: Cluster, keys: list[str]) -> Outcome:
         )
     }
     ids = [m["id"] for m in messages.values()]
-    attempts: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in _rows(
+    attempts = _grouped(
         url,
+        "message_id",
         "SELECT id, message_id, seq, channel, status, reason, tries, error_code, http_status,"
         " created_at, sent_at, accepted_at, finished_at FROM attempts"
         " WHERE message_id = ANY(%s) ORDER BY message_id, seq",
         ids,
-    ):
-        attempts[row["message_id"]].append(row)
-    events: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in _rows(
+    )
+    events = _grouped(
         url,
+        "attempt_id",
         "SELECT e.attempt_id, e.status_word, e.parsed_status, e.outcome, e.applied,"
         " e.duplicates, e.received_at FROM callback_events e"
         " JOIN attempts a ON a.id = e.attempt_id WHERE a.message_id = ANY(%s)",
         ids,
-    ):
-        events[row["attempt_id"]].append(row)
+    )
     total = int(_query(url, "SELECT count(*) FROM messages")[0][0])
     headers = {"x-api-key": cluster.api_key}
     sends = httpx.get(
@@ -123,9 +129,7 @@ def collect(cluster: Cluster, keys: list[str]) -> Outcome:
         f"{cluster.sandbox_url}/sandbox/stats", headers=headers, timeout=30, trust_env=False
     )
     stats.raise_for_status()
-    return Outcome(
-        messages, dict(attempts), dict(events), sends.json()["messages"], stats.json(), total
-    )
+    return Outcome(messages, attempts, events, sends.json()["messages"], stats.json(), total)
 
 
 def slots_key(namespace: str) -> str:

@@ -6,6 +6,8 @@ import contextlib
 import random
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +65,8 @@ class Producers:
         self.accepted: dict[str, tuple[str, str | None]] = {}
         self.expected_rejected: set[str] = set()
         self.not_accepted: list[str] = []
-        self.http_retries = 0
-        self.enqueue_retries = 0
+        #: retries by route (http, dramatiq)
+        self.retries: Counter[str] = Counter()
         self.http = httpx.Client(
             base_url=cluster.web_url,
             headers={"Authorization": f"Bearer {cluster.api_token}"},
@@ -99,60 +101,68 @@ class Producers:
             with self.lock:
                 self.not_accepted.append(f"#{send.index}: producer crashed: {exc!r}")
 
+    @property
+    def http_retries(self) -> int:
+        return self.retries["http"]
+
+    @property
+    def enqueue_retries(self) -> int:
+        return self.retries["dramatiq"]
+
     def _post(self, send: PlannedSend) -> None:
         key = f"chaos-{self.run_id}-{send.index}"
-        give_up = time.monotonic() + self.params.producer_give_up_s
-        pause = 0.1
-        while True:
+
+        def attempt() -> str | None:
             try:
                 response = self.http.post(
                     "/v1/messages", json=send.body, headers={"Idempotency-Key": key}
                 )
             except httpx.TransportError as exc:
-                problem = type(exc).__name__
-            else:
-                if response.status_code in (200, 202):
-                    with self.lock:
-                        self.accepted[key] = ("http", response.json()["id"])
-                    return
-                if response.status_code != 429 and response.status_code < 500:
-                    with self.lock:
-                        self.not_accepted.append(
-                            f"#{send.index}: HTTP {response.status_code} {response.text[:200]}"
-                        )
-                    return
-                problem = f"HTTP {response.status_code}"
-            if time.monotonic() > give_up:
+                return type(exc).__name__
+            if response.status_code in (200, 202):
                 with self.lock:
-                    self.not_accepted.append(f"#{send.index}: gave up after {problem}")
-                return
-            with self.lock:
-                self.http_retries += 1
-            time.sleep(pause)
-            pause = min(pause * 2, 2.0)
+                    self.accepted[key] = ("http", response.json()["id"])
+                return None
+            if response.status_code != 429 and response.status_code < 500:
+                with self.lock:
+                    self.not_accepted.append(
+                        f"#{send.index}: HTTP {response.status_code} {response.text[:200]}"
+                    )
+                return None
+            return f"HTTP {response.status_code}"
+
+        self._retry(send, attempt, "gave up after ")
 
     def _enqueue(self, send: PlannedSend) -> None:
         message = dramatiq.Message(
             queue_name="kodmobi", actor_name="send_code", args=(), kwargs=send.body, options={}
         )
-        give_up = time.monotonic() + self.params.producer_give_up_s
-        pause = 0.1
-        while True:
+
+        def attempt() -> str | None:
             try:
                 self.broker.enqueue(message)
             except Exception as exc:  # Redis away: the same message again, same message_id
-                problem = type(exc).__name__
-            else:
-                with self.lock:
-                    self.accepted[message.message_id] = ("dramatiq", None)
-                    if send.invalid:
-                        self.expected_rejected.add(message.message_id)
-                return
+                return type(exc).__name__
+            with self.lock:
+                self.accepted[message.message_id] = ("dramatiq", None)
+                if send.invalid:
+                    self.expected_rejected.add(message.message_id)
+            return None
+
+        self._retry(send, attempt, "gave up enqueueing: ")
+
+    def _retry(self, send: PlannedSend, attempt: Callable[[], str | None], gave_up: str) -> None:
+        """Call `attempt` until it is done (it returns None: accepted, or refused for good) or
+        the producer's patience runs out; it returns the problem it would retry after. The
+        pause between tries doubles, from 0.1 s up to 2 s."""
+        give_up = time.monotonic() + self.params.producer_give_up_s
+        pause = 0.1
+        while (problem := attempt()) is not None:
             if time.monotonic() > give_up:
                 with self.lock:
-                    self.not_accepted.append(f"#{send.index}: gave up enqueueing: {problem}")
+                    self.not_accepted.append(f"#{send.index}: {gave_up}{problem}")
                 return
             with self.lock:
-                self.enqueue_retries += 1
+                self.retries[send.via] += 1
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
