@@ -186,7 +186,7 @@ def test_the_slots_check_sees_a_slot_held_and_none_once_given_back(
     import redis
 
     from tests.support.chaos.outcome import read_slots, slots_key
-    from worker.limits import KodMobiSlots
+    from worker.call_slots import KodMobiSlots
 
     # Given the workers' own slot limiter on Redis
     client = redis.Redis.from_url(redis_url)

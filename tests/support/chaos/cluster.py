@@ -44,7 +44,7 @@ class Cluster(processes.LocalEndpoints):
         self.api_key = "sandbox-" + secrets.token_urlsafe(18)
         self.api_token = "chaos-" + secrets.token_urlsafe(24)
         super().__init__()
-        #: the workers' Dramatiq namespace, which their call slots share (worker.limits)
+        #: the workers' Dramatiq namespace, which their call slots share (worker.call_slots)
         self.namespace = "dramatiq"
         self.env: dict[str, str] = {}
         self.processes: dict[str, processes.ManagedProcess] = {}

@@ -8,9 +8,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-FINAL = frozenset({"delivered", "failed", "expired", "rejected"})
-OPEN_ATTEMPT = frozenset({"queued", "sending", "accepted"})
-PHONE_CHANNELS = ("telegram", "whatsapp", "sms")
+from worker.rules import ATTEMPT_OPEN, MESSAGE_FINAL, PHONE_CHANNELS
+
+FINAL = MESSAGE_FINAL
+OPEN_ATTEMPT = frozenset(ATTEMPT_OPEN)
+__all__ = ["FINAL", "OPEN_ATTEMPT", "PHONE_CHANNELS"]
 
 Echo = Callable[[str], None]
 
@@ -181,7 +183,7 @@ class BrokerLeftovers:
 
 @dataclass
 class SlotsHeld:
-    """The kod.mobi call slots (worker.limits.KodMobiSlots) still taken in Redis once every
+    """The kod.mobi call slots (worker.call_slots.KodMobiSlots) still taken in Redis once every
     message is final. Nothing runs then, so none should be; but a slot taken by a worker we
     SIGKILLed mid-call, or one whose release met Redis down, stays until it ages out after
     SLOT_TTL_MS: that is by design, and only possible for a slot taken before the last fault."""

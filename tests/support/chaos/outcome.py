@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 
 from tests.support.chaos.cluster import Cluster
 from tests.support.chaos.model import FINAL, BrokerLeftovers, Echo, SlotsHeld
-from worker.limits import SLOT_TTL_MS
+from worker.call_slots import SLOT_TTL_MS
 
 
 def _connect(database_url: str) -> psycopg.Connection[Any]:
@@ -133,7 +133,7 @@ def collect(cluster: Cluster, keys: list[str]) -> Outcome:
 
 
 def slots_key(namespace: str) -> str:
-    """The sorted set of call slots, as worker.limits.KodMobiSlots names it."""
+    """The sorted set of call slots, as worker.call_slots.KodMobiSlots names it."""
     return f"{namespace}:kodmobi-call-slots"
 
 

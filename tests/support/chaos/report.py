@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from tests.support.chaos.model import ChaosReport
-from worker.limits import SLOT_TTL_MS
+from worker.call_slots import SLOT_TTL_MS
 
 
 def _pct(rate: float) -> str:
