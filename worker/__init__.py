@@ -39,7 +39,7 @@ def send_code(
 
     from worker import wiring
     from worker.schemas import SendRequest, describe_errors
-    from worker.usecases import intake, reads
+    from worker.usecases import intake
 
     fields = {
         "to": to,
@@ -57,7 +57,7 @@ def send_code(
     result = intake.accept(ctx, request, idempotency_key=idempotency_key, source="python")
     if result.created and result.attempt_id is not None:
         ctx.hand_off(result.attempt_id)
-    return reads.accepted_view(result.message)
+    return result.accepted
 
 
 def check_code(message_id: str, code: str) -> CheckResult:

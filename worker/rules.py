@@ -104,6 +104,16 @@ def attempt_can_move(current: str, new: str) -> bool:
     return _rank(new, _ATTEMPT_RANK, ATTEMPT_FINAL) > _rank(current, _ATTEMPT_RANK, ATTEMPT_FINAL)
 
 
+def message_moves_to(new: str) -> frozenset[str]:
+    """The message statuses from which `new` may be reached (for SQL guards)."""
+    return frozenset(s for s in MESSAGE_STATUSES if message_can_move(s, new))
+
+
+def attempt_moves_to(new: str) -> frozenset[str]:
+    """The attempt statuses from which `new` may be reached (for SQL guards)."""
+    return frozenset(s for s in ATTEMPT_STATUSES if attempt_can_move(s, new))
+
+
 def next_channel(chain: Sequence[str], seq: int) -> str | None:
     """The channel after attempt number `seq` (1-based), or None when the chain is spent."""
     return chain[seq] if seq < len(chain) else None

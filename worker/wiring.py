@@ -59,6 +59,7 @@ def build(settings: Settings) -> Root:
 
     ctx = Context(
         settings=settings,
+        engine=engine,
         sessions=make_session_factory(engine),
         codebox=CodeBox(settings.code_key.get_secret_value()),
         kodmobi=KodMobiClient(

@@ -6,20 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from psycopg.types.json import Jsonb
+from sqlalchemy import Connection
 
 from worker import rules
-from worker.models import Attempt, CallbackEvent, Message
 from worker.rules import CallbackOutcome, CallbackStatus
 from worker.usecases.context import Context, bind, utcnow
-from worker.usecases.transitions import (
-    fallback,
-    finish_attempt,
-    finish_message,
-    lock_attempt,
-    mark_accepted,
-)
+from worker.usecases.store import AttemptRow, Changes, MessageRow, lock_pair
+from worker.usecases.transitions import fallback, finish_attempt, finish_message, mark_accepted
 
 
 @dataclass
@@ -32,60 +26,80 @@ class CallbackData:
     kodmobi_message_id: int | None
 
 
+_STORE_EVENT = """
+INSERT INTO callback_events (attempt_id, received_at, method, content_type, raw_body,
+    headers, status_word, parsed_status, kodmobi_message_id, applied, outcome, duplicates)
+VALUES (%(ev_attempt_id)s, %(ev_received_at)s, %(ev_method)s, %(ev_content_type)s,
+    %(ev_raw_body)s, %(ev_headers)s, %(ev_status_word)s, %(ev_parsed_status)s,
+    %(ev_kodmobi_message_id)s, %(ev_applied)s, %(ev_outcome)s, 0)
+ON CONFLICT ON CONSTRAINT uq_callback_events_attempt_status
+DO UPDATE SET duplicates = callback_events.duplicates + 1
+RETURNING duplicates
+"""
+
+
 def apply_callback(ctx: Context, attempt_id: str, data: CallbackData) -> CallbackOutcome | None:
     """Store the event and apply it if it moves things forward. Returns the outcome,
-    or None when the attempt does not exist."""
+    or None when the attempt does not exist. Two statements: lock the rows; write
+    the event with every change it causes."""
+    with ctx.conn() as conn:
+        applied = apply_in(ctx, conn, attempt_id, data)
+    if applied is None:
+        return None
+    outcome, follow_up = applied
+    if follow_up is not None:
+        ctx.hand_off(follow_up)
+    return outcome
+
+
+def apply_in(
+    ctx: Context, conn: Connection, attempt_id: str, data: CallbackData
+) -> tuple[CallbackOutcome, str | None] | None:
+    """`apply_callback` inside the caller's transaction (a group commit shares one):
+    `(outcome, next attempt to dispatch once committed)`, or None for no such attempt."""
     now = utcnow()
     parsed = (
         rules.parse_callback_status(data.status_word)
         if data.status_word
         else CallbackStatus.UNKNOWN
     )
-    with ctx.tx() as s:
-        row = lock_attempt(s, attempt_id)
-        if row is None:
-            return None
-        message, attempt = row
-        bound = bind(message, attempt)
-        # Decide first, then store the event with its outcome in one statement. A
-        # repeat changes nothing: statuses only move forward, so applying the same
-        # status twice is a no-op; the unique key just keeps one row and counts.
-        outcome, applied, follow_up = _apply(ctx, s, message, attempt, parsed, data, now)
-        stored = s.execute(
-            insert(CallbackEvent)
-            .values(
-                attempt_id=attempt_id,
-                received_at=now,
-                method=data.method,
-                content_type=data.content_type,
-                raw_body=data.raw_body,
-                headers=data.headers,
-                status_word=data.status_word[:64],
-                parsed_status=parsed,
-                kodmobi_message_id=data.kodmobi_message_id,
-                applied=applied,
-                outcome=outcome,
-            )
-            .on_conflict_do_update(
-                constraint="uq_callback_events_attempt_status",
-                set_={"duplicates": CallbackEvent.duplicates + 1},
-            )
-            .returning(CallbackEvent.duplicates)
-        ).scalar_one()
-        if stored > 0:
-            outcome, applied = CallbackOutcome.DUPLICATE, False
+    locked = lock_pair(conn, attempt_id)
+    if locked is None:
+        return None
+    message, attempt = locked
+    bound = bind(message, attempt)
+    # Decide first, then store the event with its outcome and every change in one
+    # statement. A repeat changes nothing: statuses only move forward, so applying the
+    # same status twice is a no-op; the unique key just keeps one row and counts.
+    changes = Changes()
+    outcome, applied, follow_up = _apply(ctx, changes, message, attempt, parsed, data, now)
+    sql, params = changes.statement(_STORE_EVENT)
+    params.update(
+        ev_attempt_id=attempt_id,
+        ev_received_at=now,
+        ev_method=data.method,
+        ev_content_type=data.content_type,
+        ev_raw_body=data.raw_body,
+        ev_headers=Jsonb(data.headers),
+        ev_status_word=data.status_word[:64],
+        ev_parsed_status=parsed.value,
+        ev_kodmobi_message_id=data.kodmobi_message_id,
+        ev_applied=applied,
+        ev_outcome=outcome.value,
+    )
+    repeats = conn.exec_driver_sql(sql, params).scalar_one()
+    if repeats > 0:
+        outcome, applied = CallbackOutcome.DUPLICATE, False
     event = "callback.applied" if applied else "callback.ignored"
-    bound.info(event, status=data.status_word[:64], parsed=parsed, outcome=outcome)
-    if follow_up is not None:
-        ctx.hand_off(follow_up)
-    return outcome
+    bound.info(event, status=data.status_word[:64], parsed=parsed.value, outcome=outcome.value)
+    return outcome, follow_up
 
 
 def _apply(
     ctx: Context,
-    s: Session,
-    message: Message,
-    attempt: Attempt,
+    changes: Changes,
+    message: MessageRow,
+    attempt: AttemptRow,
     parsed: CallbackStatus,
     data: CallbackData,
     now: datetime,
@@ -100,24 +114,24 @@ def _apply(
     ):
         return CallbackOutcome.MESSAGE_ID_MISMATCH, False, None
     if data.kodmobi_message_id is not None and attempt.kodmobi_message_id is None:
-        attempt.kodmobi_message_id = data.kodmobi_message_id
+        changes.attempt(attempt, kodmobi_message_id=data.kodmobi_message_id)
     if parsed is CallbackStatus.PROGRESS:
         # The token proves kod.mobi holds one of our sends of this attempt, even one
         # whose answer we never saw: a queued retry is then not needed.
-        if mark_accepted(message, attempt, now, ctx.settings.delivery_timeout_s):
+        if mark_accepted(changes, message, attempt, now, ctx.settings.delivery_timeout_s):
             return CallbackOutcome.PROGRESS, True, None
         return CallbackOutcome.PROGRESS_NOTED, False, None
     if parsed is CallbackStatus.DELIVERED:
         if rules.attempt_can_move(attempt.status, rules.DELIVERED):
-            finish_attempt(attempt, rules.DELIVERED, "delivery callback", now)
-            finish_message(s, message, rules.DELIVERED, None, now, others_open=False)
+            finish_attempt(changes, attempt, rules.DELIVERED, "delivery callback", now)
+            finish_message(changes, message, rules.DELIVERED, None, now, others_open=False)
             return CallbackOutcome.DELIVERED, True, None
         if (
             attempt.status in (rules.TIMED_OUT, rules.ERROR)
             and message.status not in rules.MESSAGE_FINAL
         ):
             # The code reached the user after we gave up on this channel: say so.
-            finish_message(s, message, rules.DELIVERED, None, now)
+            finish_message(changes, message, rules.DELIVERED, None, now)
             return CallbackOutcome.LATE_DELIVERY, True, None
         return CallbackOutcome.STALE, False, None
     # a failure word
@@ -125,7 +139,7 @@ def _apply(
         return CallbackOutcome.STALE, False, None
     reason = f"failure callback: {data.status_word[:64]}"
     if message.status in rules.MESSAGE_FINAL:
-        finish_attempt(attempt, rules.FAILED, reason, now)
+        finish_attempt(changes, attempt, rules.FAILED, reason, now)
         return CallbackOutcome.FAILED, True, None
-    follow_up = fallback(s, message, attempt, rules.FAILED, reason, now)
+    follow_up = fallback(changes, message, attempt, rules.FAILED, reason, now)
     return CallbackOutcome.FAILED, True, follow_up

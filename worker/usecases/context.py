@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.db import session_scope
 from worker.kodmobi import KodMobiClient
 from worker.logging import get_logger, mask_recipient
-from worker.models import Attempt, Message
 from worker.security import CodeBox, callback_token
 from worker.settings import Settings
 
@@ -32,6 +32,7 @@ def utcnow() -> datetime:
 @dataclass(frozen=True)
 class Context:
     settings: Settings
+    engine: Engine
     sessions: sessionmaker[Session]
     codebox: CodeBox
     kodmobi: KodMobiClient
@@ -41,9 +42,15 @@ class Context:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        """One transaction: commit on success, roll back on any exception."""
+        """One ORM transaction (reads, the code check): commit on success, else roll back."""
         with session_scope(self.sessions) as session:
             yield session
+
+    @contextmanager
+    def conn(self) -> Iterator[Connection]:
+        """One Core transaction (the hot path): commit on success, else roll back."""
+        with self.engine.begin() as connection:
+            yield connection
 
     def callback_url(self, attempt_id: str) -> str:
         token = callback_token(self.settings.callback_secret.get_secret_value(), attempt_id)
@@ -65,8 +72,9 @@ class Context:
             yield
 
 
-def bind(message: Message, attempt: Attempt | None = None) -> Any:
-    """A logger bound to a message (masked recipient) and, when given, its attempt."""
+def bind(message: Any, attempt: Any = None) -> Any:
+    """A logger bound to a message (masked recipient) and, when given, its attempt: any
+    rows with `id` and `recipient` (and `channel`, `seq`)."""
     bound = log.bind(message_id=message.id, recipient=mask_recipient(message.recipient))
     if attempt is not None:
         bound = bound.bind(attempt_id=attempt.id, channel=attempt.channel, seq=attempt.seq)

@@ -7,26 +7,21 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from pydantic import ValidationError
-from sqlalchemy import bindparam, select
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 from ulid import ULID
 
 from worker import rules
 from worker.logging import get_logger
-from worker.models import Attempt, Message
-from worker.schemas import SendRequest, db_text, describe_errors, valid_key
+from worker.schemas import AcceptedView, SendRequest, db_text, describe_errors, valid_key
 from worker.security import draw_code
 from worker.usecases.context import Context, bind, utcnow
 from worker.usecases.limits import RateLimited, check_recipient_limits
-from worker.usecases.transitions import new_attempt
 
 log = get_logger("worker.intake")
 
 DRAWN_CODE_LENGTH = 6
-
-_BY_KEY = select(Message).where(Message.idempotency_key == bindparam("key"))
 
 
 class IdempotencyConflict(Exception):
@@ -39,10 +34,46 @@ class IdempotencyConflict(Exception):
 
 @dataclass
 class IntakeResult:
-    message: Message
+    accepted: AcceptedView
     created: bool
     #: An attempt still waiting to be sent (the first one, for a new message).
     attempt_id: str | None
+
+
+_FIND = (
+    "SELECT id, status, channels, expires_at, fingerprint FROM messages "
+    "WHERE idempotency_key = %(key)s"
+)
+_QUEUED_ATTEMPT = (
+    f"SELECT id FROM attempts WHERE message_id = %(message_id)s AND status = '{rules.QUEUED}' "
+    "ORDER BY seq LIMIT 1"
+)
+_MESSAGE_COLUMNS = (
+    "id, idempotency_key, fingerprint, source, recipient, recipient_kind, channels, "
+    "provider_id, code_ciphertext, status, failure_reason, metadata, created_at, updated_at, "
+    "expires_at"
+)
+_MESSAGE_VALUES = ", ".join(f"%({c.strip()})s" for c in _MESSAGE_COLUMNS.split(","))
+# The message and its first attempt in one statement; a concurrent intake with the same
+# key makes it insert neither and return nothing.
+_INSERT = f"""
+WITH m AS (
+  INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_VALUES})
+  ON CONFLICT (idempotency_key) DO NOTHING
+  RETURNING id, status, channels, expires_at
+), a AS (
+  INSERT INTO attempts (id, message_id, seq, channel, provider_id, status, tries,
+                        next_try_at, dispatched_at, created_at, updated_at)
+  SELECT %(attempt_id)s, m.id, 1, %(channel)s, %(provider_id)s, '{rules.QUEUED}', 0,
+         %(created_at)s, %(created_at)s, %(created_at)s, %(created_at)s
+    FROM m
+)
+SELECT id, status, channels, expires_at FROM m
+"""
+_INSERT_REJECTED = f"""
+INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_VALUES})
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
 
 
 def _fingerprint(ctx: Context, request: SendRequest) -> str:
@@ -50,6 +81,10 @@ def _fingerprint(ctx: Context, request: SendRequest) -> str:
         request.model_dump(mode="json", exclude_none=True), sort_keys=True, default=str
     ).encode()
     return ctx.codebox.fingerprint(canonical)
+
+
+def _accepted(row: Any) -> AcceptedView:
+    return AcceptedView(id=row[0], status=row[1], channels=list(row[2]), expires_at=row[3])
 
 
 def accept(
@@ -61,93 +96,99 @@ def accept(
     another request it raises IdempotencyConflict. Nothing is sent here."""
     now = utcnow()
     message_id = str(ULID())
+    attempt_id = str(ULID())
     key = idempotency_key or message_id
     fingerprint = _fingerprint(ctx, request)
     chain = request.chain(ctx.settings.default_channels)
     ttl = request.ttl_s or ctx.settings.code_ttl_s
     code = request.code or draw_code(DRAWN_CODE_LENGTH)
-    with ctx.tx() as s:
-        existing = _existing(s, key, fingerprint)
+    with ctx.conn() as conn:
+        existing = _existing(conn, key, fingerprint)
         if existing is not None:
-            return IntakeResult(existing, False, _queued_attempt(s, existing.id))
-        check_recipient_limits(s, ctx.settings, request.to, chain[0], now)
-        message = s.scalars(
-            insert(Message)
-            .values(
-                id=message_id,
-                idempotency_key=key,
-                fingerprint=fingerprint,
-                source=source,
-                recipient=request.to,
-                recipient_kind=request.recipient_kind(),
-                channels=chain,
-                provider_id=request.provider_id,
-                code_ciphertext=ctx.codebox.seal(code, message_id),
-                status=rules.QUEUED,
-                meta=request.metadata or {},
-                created_at=now,
-                updated_at=now,
-                expires_at=now + timedelta(seconds=ttl),
-            )
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
-            .returning(Message)
-        ).one_or_none()
-        if message is None:  # a concurrent intake with the same key won the race
-            existing = _existing(s, key, fingerprint)
+            return existing
+        check_recipient_limits(conn, ctx.settings, request.to, chain[0], now)
+        row = conn.exec_driver_sql(
+            _INSERT,
+            {
+                "id": message_id,
+                "idempotency_key": key,
+                "fingerprint": fingerprint,
+                "source": source,
+                "recipient": request.to,
+                "recipient_kind": request.recipient_kind(),
+                "channels": chain,
+                # provider_id names a provider of one channel: it goes with the first only.
+                "provider_id": request.provider_id,
+                "code_ciphertext": ctx.codebox.seal(code, message_id),
+                "status": rules.QUEUED.value,
+                "failure_reason": None,
+                "metadata": Jsonb(request.metadata or {}),
+                "created_at": now,
+                "updated_at": now,
+                "expires_at": now + timedelta(seconds=ttl),
+                "attempt_id": attempt_id,
+                "channel": chain[0],
+            },
+        ).first()
+        if row is None:  # a concurrent intake with the same key won the race
+            existing = _existing(conn, key, fingerprint)
             assert existing is not None
-            return IntakeResult(existing, False, _queued_attempt(s, existing.id))
-        # provider_id names a provider of one channel: it goes with the first only.
-        attempt = new_attempt(message_id, 1, chain[0], request.provider_id, now)
-        s.add(attempt)
-    bind(message).info("message.accepted", source=source, channels=chain)
-    return IntakeResult(message, created=True, attempt_id=attempt.id)
+            return existing
+    bind(_Row(message_id, request.to)).info("message.accepted", source=source, channels=chain)
+    return IntakeResult(_accepted(row), created=True, attempt_id=attempt_id)
 
 
-def _queued_attempt(s: Session, message_id: str) -> str | None:
-    """A redelivered producer message resumes a first attempt its crash left queued."""
-    return s.scalars(
-        select(Attempt.id).where(Attempt.message_id == message_id, Attempt.status == rules.QUEUED)
-    ).first()
+class _Row:
+    __slots__ = ("id", "recipient")
+
+    def __init__(self, message_id: str, recipient: str) -> None:
+        self.id, self.recipient = message_id, recipient
 
 
-def _existing(s: Session, key: str, fingerprint: str) -> Message | None:
-    message = s.scalars(_BY_KEY, {"key": key}).one_or_none()
-    if message is not None and message.fingerprint != fingerprint:
-        raise IdempotencyConflict(message.id)
-    return message
+def _existing(conn: Connection, key: str, fingerprint: str) -> IntakeResult | None:
+    """The message recorded under `key` before, and a first attempt its crash left queued
+    (a redelivered producer message resumes it); IdempotencyConflict for another body."""
+    row = conn.exec_driver_sql(_FIND, {"key": key}).first()
+    if row is None:
+        return None
+    if row[4] != fingerprint:
+        raise IdempotencyConflict(row[0])
+    queued = conn.exec_driver_sql(_QUEUED_ATTEMPT, {"message_id": row[0]}).scalar()
+    return IntakeResult(_accepted(row), created=False, attempt_id=queued)
 
 
 def reject(
     ctx: Context, *, idempotency_key: str, source: str, reason: str, raw_to: Any = None
-) -> Message:
-    """Record input we will never send, with the reason, so the producer can see why."""
+) -> str:
+    """Record input we will never send, with the reason, so the producer can see why.
+    Returns the id of the message recorded under the key."""
     now = utcnow()
-    message_id = str(ULID())
     recipient = db_text(raw_to) if isinstance(raw_to, str) else ""
     reason = db_text(reason)
-    with ctx.tx() as s:
-        s.execute(
-            insert(Message)
-            .values(
-                id=message_id,
-                idempotency_key=idempotency_key,
-                fingerprint="",
-                source=source,
-                recipient=recipient[:320],
-                recipient_kind="unknown",
-                channels=[],
-                status=rules.REJECTED,
-                failure_reason=reason[:2000],
-                meta={},
-                created_at=now,
-                updated_at=now,
-                expires_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+    with ctx.conn() as conn:
+        conn.exec_driver_sql(
+            _INSERT_REJECTED,
+            {
+                "id": str(ULID()),
+                "idempotency_key": idempotency_key,
+                "fingerprint": "",
+                "source": source,
+                "recipient": recipient[:320],
+                "recipient_kind": "unknown",
+                "channels": [],
+                "provider_id": None,
+                "code_ciphertext": None,
+                "status": rules.REJECTED.value,
+                "failure_reason": reason[:2000],
+                "metadata": Jsonb({}),
+                "created_at": now,
+                "updated_at": now,
+                "expires_at": now,
+            },
         )
-        message = s.scalars(_BY_KEY, {"key": idempotency_key}).one()
-    bind(message).warning("message.rejected", source=source, reason=reason)
-    return message
+        message_id: str = conn.exec_driver_sql(_FIND, {"key": idempotency_key}).one()[0]
+    bind(_Row(message_id, recipient)).warning("message.rejected", source=source, reason=reason)
+    return message_id
 
 
 def accept_dramatiq(

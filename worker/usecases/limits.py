@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from worker import rules
-from worker.models import Attempt, Message
 from worker.settings import Settings
 
 
@@ -21,8 +19,21 @@ class RateLimited(Exception):
         self.retry_after_s = retry_after_s
 
 
+_LOCK_RECIPIENT = "SELECT pg_advisory_xact_lock(hashtext(%(recipient)s))"
+_RECENT = (
+    "SELECT created_at FROM messages WHERE recipient = %(recipient)s "
+    f"AND created_at >= %(since)s AND status <> '{rules.REJECTED}' "
+    "ORDER BY created_at DESC LIMIT %(limit)s"
+)
+_LAST_ON_CHANNEL = (
+    "SELECT max(a.created_at) FROM attempts a JOIN messages m ON m.id = a.message_id "
+    "WHERE m.recipient = %(recipient)s AND a.channel = %(channel)s "
+    "AND a.created_at >= %(since)s"
+)
+
+
 def check_recipient_limits(
-    s: Session, settings: Settings, recipient: str, first_channel: str, now: datetime
+    conn: Connection, settings: Settings, recipient: str, first_channel: str, now: datetime
 ) -> None:
     """Raise RateLimited when `recipient` has had too many codes lately, or one on
     `first_channel` within the cooldown. Takes a per-recipient advisory lock for the rest
@@ -31,18 +42,16 @@ def check_recipient_limits(
     cooldown = settings.channel_cooldown_s
     if limit == 0 and cooldown == 0:
         return
-    s.execute(select(func.pg_advisory_xact_lock(func.hashtext(recipient))))
+    conn.exec_driver_sql(_LOCK_RECIPIENT, {"recipient": recipient})
     if limit:
-        recent = s.scalars(
-            select(Message.created_at)
-            .where(
-                Message.recipient == recipient,
-                Message.created_at >= now - timedelta(seconds=window),
-                Message.status != rules.REJECTED,
+        since = now - timedelta(seconds=window)
+        recent = (
+            conn.exec_driver_sql(
+                _RECENT, {"recipient": recipient, "since": since, "limit": limit}
             )
-            .order_by(Message.created_at.desc())
-            .limit(limit)
-        ).all()
+            .scalars()
+            .all()
+        )
         if len(recent) >= limit:
             wait = (recent[-1] + timedelta(seconds=window) - now).total_seconds()
             raise RateLimited(
@@ -50,15 +59,10 @@ def check_recipient_limits(
             )
     if cooldown:
         # kod.mobi blocks a channel for a recipient for 60 s after each send.
-        last_sent = s.scalar(
-            select(func.max(Attempt.created_at))
-            .join(Message, Message.id == Attempt.message_id)
-            .where(
-                Message.recipient == recipient,
-                Attempt.channel == first_channel,
-                Attempt.created_at >= now - timedelta(seconds=cooldown),
-            )
-        )
+        since = now - timedelta(seconds=cooldown)
+        last_sent = conn.exec_driver_sql(
+            _LAST_ON_CHANNEL, {"recipient": recipient, "channel": first_channel, "since": since}
+        ).scalar()
         if last_sent is not None:
             wait = (last_sent + timedelta(seconds=cooldown) - now).total_seconds()
             raise RateLimited(

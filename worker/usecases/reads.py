@@ -9,7 +9,7 @@ from sqlalchemy.orm import selectinload
 
 from worker import rules
 from worker.models import Message
-from worker.schemas import AcceptedView, AttemptView, CheckResult, MessageView
+from worker.schemas import AttemptView, CheckResult, MessageView
 from worker.security import codes_equal
 from worker.usecases.context import Context, utcnow
 
@@ -91,11 +91,3 @@ def view(message: Message) -> MessageView:
         ],
     )
 
-
-def accepted_view(message: Message) -> AcceptedView:
-    return AcceptedView(
-        id=message.id,
-        status=message.status,
-        channels=list(message.channels),
-        expires_at=message.expires_at,
-    )

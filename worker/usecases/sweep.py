@@ -7,18 +7,38 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import or_, select
-
 from worker import rules
 from worker.logging import get_logger
-from worker.models import Attempt, Message
 from worker.usecases.context import Context, utcnow
+from worker.usecases.store import Changes, MessageRow, in_list, pair, select_pairs
 from worker.usecases.transitions import expire, fallback
 
 log = get_logger("worker.sweep")
 
 #: An attempt left `queued` this long after its dispatch is re-dispatched by the sweeper.
 REDISPATCH_AFTER_S = 20.0
+
+_EXPIRED = (
+    "SELECT id, recipient, channels, status, expires_at, code_ciphertext FROM messages "
+    f"WHERE status IN {in_list(rules.MESSAGE_OPEN)} AND expires_at <= %(now)s "
+    "LIMIT %(batch)s FOR UPDATE SKIP LOCKED"
+)
+_SILENT = (
+    f"a.status IN {in_list((rules.SENDING, rules.ACCEPTED))} AND a.deadline <= %(now)s "
+    f"AND m.status IN {in_list(rules.MESSAGE_OPEN)}"
+)
+# Due attempts never handed over (retries, whose time has come) and attempts handed
+# over long ago that are still queued (the broker lost them).
+_TO_DISPATCH = f"""
+WITH due AS (
+  SELECT id FROM attempts
+   WHERE status = '{rules.QUEUED}' AND next_try_at <= %(now)s
+     AND (dispatched_at IS NULL OR dispatched_at <= %(stale)s)
+   LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+)
+UPDATE attempts SET dispatched_at = %(now)s FROM due WHERE attempts.id = due.id
+RETURNING attempts.id
+"""
 
 
 @dataclass
@@ -32,54 +52,34 @@ class SweepReport:
 def sweep(ctx: Context, *, batch: int = 500) -> SweepReport:
     report = SweepReport()
     now = utcnow()
-    with ctx.tx() as s:
-        for message in s.scalars(
-            select(Message)
-            .where(Message.status.in_(rules.MESSAGE_OPEN), Message.expires_at <= now)
-            .limit(batch)
-            .with_for_update(skip_locked=True)
-        ):
-            expire(s, message, now)
+    with ctx.conn() as conn:
+        changes = Changes()
+        for row in conn.exec_driver_sql(_EXPIRED, {"now": now, "batch": batch}).all():
+            expire(changes, MessageRow(*row), now)
             report.expired += 1
-    with ctx.tx() as s:
-        rows = s.execute(
-            select(Message, Attempt)
-            .join(Attempt, Attempt.message_id == Message.id)
-            .where(
-                Attempt.status.in_((rules.SENDING, rules.ACCEPTED)),
-                Attempt.deadline <= now,
-            )
-            .limit(batch)
-            .with_for_update(skip_locked=True)
+        changes.write(conn)
+    with ctx.conn() as conn:
+        changes = Changes()
+        silent_rows = conn.exec_driver_sql(
+            select_pairs(_SILENT, limit=batch, skip_locked=True), {"now": now}
         ).all()
-        for message, attempt in rows:
-            if message.status in rules.MESSAGE_FINAL:
-                continue
+        for row in silent_rows:
+            message, attempt = pair(row)
             sending = attempt.status == rules.SENDING
             silent = "no answer from kod.mobi" if sending else "no final callback"
             reason = f"{silent} within {ctx.settings.delivery_timeout_s:g}s"
-            follow_up = fallback(s, message, attempt, rules.TIMED_OUT, reason, now)
+            follow_up = fallback(changes, message, attempt, rules.TIMED_OUT, reason, now)
             report.timed_out += 1
             if follow_up:
                 report.dispatch.append(follow_up)
-    # Due attempts never handed over (retries, whose time has come) and attempts
-    # handed over long ago that are still queued (the broker lost them).
+        changes.write(conn)
     stale = now - timedelta(seconds=REDISPATCH_AFTER_S)
-    with ctx.tx() as s:
-        attempts = s.scalars(
-            select(Attempt)
-            .where(
-                Attempt.status == rules.QUEUED,
-                Attempt.next_try_at <= now,
-                or_(Attempt.dispatched_at.is_(None), Attempt.dispatched_at <= stale),
-            )
-            .limit(batch)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for attempt in attempts:
-            attempt.dispatched_at = now
-            report.dispatch.append(attempt.id)
-            report.redispatched += 1
+    with ctx.conn() as conn:
+        due = conn.exec_driver_sql(
+            _TO_DISPATCH, {"now": now, "stale": stale, "batch": batch}
+        ).scalars().all()
+    report.redispatched = len(due)
+    report.dispatch.extend(due)
     for attempt_id in report.dispatch:
         ctx.hand_off(attempt_id)
     if report.expired or report.timed_out or report.redispatched:

@@ -64,7 +64,7 @@ def create_message(
         ctx.hand_off(result.attempt_id)
     else:
         response.status_code = 200
-    return reads.accepted_view(result.message)
+    return result.accepted
 
 
 @router.get(
