@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
@@ -12,7 +13,7 @@ from sqlalchemy import Connection
 from worker import rules
 from worker.rules import CallbackOutcome, CallbackStatus
 from worker.usecases.context import Context, bind, utcnow
-from worker.usecases.store import AttemptRow, Changes, MessageRow, lock_pair
+from worker.usecases.store import AttemptRow, Changes, MessageRow, lock_pairs
 from worker.usecases.transitions import fallback, finish_attempt, finish_message, mark_accepted
 
 
@@ -39,35 +40,57 @@ RETURNING duplicates
 
 
 def apply_callback(ctx: Context, attempt_id: str, data: CallbackData) -> CallbackOutcome | None:
-    """Store the event and apply it if it moves things forward. Returns the outcome,
-    or None when the attempt does not exist. Two statements: lock the rows; write
-    the event with every change it causes."""
+    """Store the event and apply it if it moves things forward, in a transaction of its
+    own. Returns the outcome, or None when the attempt does not exist."""
+    (result,) = apply_batch(ctx, [(attempt_id, data)])
+    return result
+
+
+Applied = CallbackOutcome | None
+
+
+def apply_batch(ctx: Context, batch: list[tuple[str, CallbackData]]) -> list[Applied]:
+    """Apply callbacks in one transaction (a group commit), in order; each one's outcome,
+    None for an unknown attempt. The rows of every attempt named are locked in one
+    statement, in id order (so two batches never wait on each other in a cycle); then
+    each callback is one statement storing its event with every change it causes.
+
+    The same callback twice in a batch, or a stale one after a final one, is decided
+    against the rows as the ones before it left them: a duplicate, or stale."""
+    results: list[Applied] = []
+    follow_ups: list[str] = []
+    logged: list[tuple[Any, CallbackData, CallbackStatus, CallbackOutcome, bool]] = []
     with ctx.conn() as conn:
-        applied = apply_in(ctx, conn, attempt_id, data)
-    if applied is None:
-        return None
-    outcome, follow_up = applied
-    if follow_up is not None:
-        ctx.hand_off(follow_up)
-    return outcome
+        pairs = lock_pairs(conn, sorted({attempt_id for attempt_id, _ in batch}))
+        for attempt_id, data in batch:
+            locked = pairs.get(attempt_id)
+            if locked is None:
+                results.append(None)
+                continue
+            message, attempt = locked
+            parsed, outcome, applied, follow_up = _store(ctx, conn, message, attempt, data)
+            results.append(outcome)
+            logged.append((bind(message, attempt), data, parsed, outcome, applied))
+            if follow_up is not None:
+                follow_ups.append(follow_up)
+    for bound, data, parsed, outcome, applied in logged:
+        event = "callback.applied" if applied else "callback.ignored"
+        bound.info(event, status=data.status_word[:64], parsed=parsed.value, outcome=outcome.value)
+    for attempt_id in follow_ups:
+        ctx.hand_off(attempt_id)
+    return results
 
 
-def apply_in(
-    ctx: Context, conn: Connection, attempt_id: str, data: CallbackData
-) -> tuple[CallbackOutcome, str | None] | None:
-    """`apply_callback` inside the caller's transaction (a group commit shares one):
-    `(outcome, next attempt to dispatch once committed)`, or None for no such attempt."""
+def _store(
+    ctx: Context, conn: Connection, message: MessageRow, attempt: AttemptRow, data: CallbackData
+) -> tuple[CallbackStatus, CallbackOutcome, bool, str | None]:
+    """Decide one callback on locked rows, then store its event and changes together."""
     now = utcnow()
     parsed = (
         rules.parse_callback_status(data.status_word)
         if data.status_word
         else CallbackStatus.UNKNOWN
     )
-    locked = lock_pair(conn, attempt_id)
-    if locked is None:
-        return None
-    message, attempt = locked
-    bound = bind(message, attempt)
     # Decide first, then store the event with its outcome and every change in one
     # statement. A repeat changes nothing: statuses only move forward, so applying the
     # same status twice is a no-op; the unique key just keeps one row and counts.
@@ -75,7 +98,7 @@ def apply_in(
     outcome, applied, follow_up = _apply(ctx, changes, message, attempt, parsed, data, now)
     sql, params = changes.statement(_STORE_EVENT)
     params.update(
-        ev_attempt_id=attempt_id,
+        ev_attempt_id=attempt.id,
         ev_received_at=now,
         ev_method=data.method,
         ev_content_type=data.content_type,
@@ -89,10 +112,8 @@ def apply_in(
     )
     repeats = conn.exec_driver_sql(sql, params).scalar_one()
     if repeats > 0:
-        outcome, applied = CallbackOutcome.DUPLICATE, False
-    event = "callback.applied" if applied else "callback.ignored"
-    bound.info(event, status=data.status_word[:64], parsed=parsed.value, outcome=outcome.value)
-    return outcome, follow_up
+        return parsed, CallbackOutcome.DUPLICATE, False, follow_up
+    return parsed, outcome, applied, follow_up
 
 
 def _apply(

@@ -65,6 +65,29 @@ def lock_pair(conn: Connection, attempt_id: str) -> tuple[MessageRow, AttemptRow
     return None if row is None else pair(row)
 
 
+_LOCK_PAIRS = (
+    f"SELECT {_PAIR_COLUMNS} FROM attempts a JOIN messages m ON m.id = a.message_id "
+    "WHERE a.id = ANY(%(attempt_ids)s::text[]) ORDER BY a.id FOR UPDATE"
+)
+
+
+def lock_pairs(
+    conn: Connection, attempt_ids: list[str]
+) -> dict[str, tuple[MessageRow, AttemptRow]]:
+    """Several attempts and their messages, locked in attempt-id order. Attempts of one
+    message share one MessageRow, so a change through one is seen through the other."""
+    if len(attempt_ids) == 1:
+        one = lock_pair(conn, attempt_ids[0])
+        return {} if one is None else {one[1].id: one}
+    messages: dict[str, MessageRow] = {}
+    found: dict[str, tuple[MessageRow, AttemptRow]] = {}
+    for row in conn.exec_driver_sql(_LOCK_PAIRS, {"attempt_ids": attempt_ids}):
+        message = messages.setdefault(row[0], MessageRow(*row[:6]))
+        attempt = AttemptRow(*row[6:])
+        found[attempt.id] = (message, attempt)
+    return found
+
+
 def select_pairs(where: str, *, limit: int, skip_locked: bool) -> str:
     """Pairs matching `where` (over `a` and `m`), locked, oldest first."""
     lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"

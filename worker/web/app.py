@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -9,6 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker import wiring
+from worker.usecases.callbacks import Applied, CallbackData, apply_batch
+from worker.usecases.group_commit import GroupCommit
 from worker.web import api, callbacks
 
 
@@ -18,12 +23,25 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
     if root is None:
         root = wiring.start("web")
 
+    ctx = root.ctx
+    # kod.mobi's callbacks are written in group commits (worker.usecases.group_commit).
+    callback_writer: GroupCommit[tuple[str, CallbackData], Applied] = GroupCommit(
+        lambda batch: apply_batch(ctx, batch), name="callbacks"
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        callback_writer.close()
+
     app = FastAPI(
         title="kodmobi-worker",
         version="0.1.0",
         description="Send one-time codes through kod.mobi, with channel fallback.",
+        lifespan=lifespan,
     )
     app.state.root = root
+    app.state.callbacks = callback_writer
     app.state.api_tokens = [t.get_secret_value().encode() for t in root.settings.api_tokens]
 
     @app.exception_handler(RequestValidationError)

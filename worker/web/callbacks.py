@@ -9,12 +9,11 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from worker.logging import get_logger
 from worker.schemas import db_text, is_ulid
 from worker.security import verify_callback_token
-from worker.usecases.callbacks import CallbackData, apply_callback
+from worker.usecases.callbacks import CallbackData
 from worker.wiring import Root
 
 router = APIRouter(tags=["callbacks"])
@@ -137,7 +136,7 @@ async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSO
         status_word=_status_word(fields),
         kodmobi_message_id=_message_id(fields),
     )
-    outcome = await run_in_threadpool(apply_callback, root.ctx, attempt_id, data)
+    outcome = await request.app.state.callbacks.submit((attempt_id, data))
     if outcome is None:
         return _reply(404, "not found")
     return JSONResponse({"ok": True, "outcome": outcome})
