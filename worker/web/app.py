@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker import wiring
-from worker.web import api, callbacks
+from worker.web import api, callbacks, outages
 
 
 def create_app(root: wiring.Root | None = None) -> FastAPI:
@@ -50,6 +50,7 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
             )
         return await http_exception_handler(request, exc)
 
+    outages.install(app)
     app.include_router(api.router)
     app.include_router(api.health)
     app.include_router(callbacks.router)
