@@ -11,23 +11,19 @@ routes them in production (the test harness's uvicorn keeps its own stderr handl
 
 from __future__ import annotations
 
-import io
-import logging
 import re
 import secrets
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-import structlog
 from cryptography.exceptions import InvalidTag
 from psycopg.rows import dict_row
 from sqlalchemy.engine import make_url
 
+from tests.support.logs import captured_logs
 from tests.support.system import (
     API_KEY,
     API_TOKEN,
@@ -41,7 +37,6 @@ from worker.security import CodeBox, callback_token
 from worker.wiring import configure_process_logging
 
 OTHER_API_TOKEN = "other-token-zzzzzzzz"  # the system's second API_TOKENS entry
-UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 EVENTS = ("message.accepted", "attempt.accepted", "callback.applied", "fallback.triggered")
 
 
@@ -60,41 +55,6 @@ def standalone(code: str) -> re.Pattern[str]:
     """A code as a token of its own: not a run of digits inside a longer number, an id or
     the fraction of a timestamp."""
     return re.compile(rf"(?<![\w.]){re.escape(code)}(?!\w)")
-
-
-@contextmanager
-def captured_logs() -> Iterator[io.StringIO]:
-    """Every log record of the process, formatted as the process's own handler would."""
-    root = logging.getLogger()
-    formatter = next(
-        (
-            h.formatter
-            for h in root.handlers
-            if isinstance(h.formatter, structlog.stdlib.ProcessorFormatter)
-        ),
-        root.handlers[0].formatter,
-    )
-    buffer = io.StringIO()
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(formatter)
-    saved = {}
-    for name in UVICORN_LOGGERS:
-        logger = logging.getLogger(name)
-        saved[name] = (logger.handlers[:], logger.level, logger.propagate)
-        # As in production: uvicorn at INFO (access lines too), through the root handler.
-        logger.handlers[:] = []
-        logger.propagate = True
-        logger.setLevel(logging.INFO)
-    root.addHandler(handler)
-    try:
-        yield buffer
-    finally:
-        root.removeHandler(handler)
-        for name, (handlers, level, propagate) in saved.items():
-            logger = logging.getLogger(name)
-            logger.handlers[:] = handlers
-            logger.setLevel(level)
-            logger.propagate = propagate
 
 
 def run_scenarios(system: System, web: httpx.Client) -> dict[str, Any]:
