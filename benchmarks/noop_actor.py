@@ -1,7 +1,7 @@
 """A no-op actor on the project's broker: the ceiling of anything built on it (`make bench`).
 
 Run as the Procfile runs the real worker, from the repository root:
-    dramatiq_worker_timeout=20 python -m dramatiq noop_actor --path benchmarks \
+    dramatiq_worker_timeout=10 python -m dramatiq noop_actor --path benchmarks \
         --processes 2 --threads 16 --skip-logging
 with REDIS_URL (and BROKER_NAMESPACE) set. It shares the real actors' queue name,
 so it must run against a namespace of its own.

@@ -8,20 +8,16 @@ not set are generated once and kept in ./.kodmobi/dev.env (mode 0600).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
-import httpx
-
+from worker import processes
 from worker.embedded import (
     EmbeddedPostgres,
     EmbeddedRedis,
@@ -30,17 +26,13 @@ from worker.embedded import (
     wait_for_port,
 )
 
-#: Dramatiq's consumer sleeps up to this many ms when its queue is empty (default 1000):
-#: a code someone waits for should not wait for a poll.
-WORKER_POLL_MS = "10"
-
 
 @dataclass
 class DevOptions:
     root: Path = field(default_factory=default_root)
     web_port: int = 8000
-    worker_processes: int = 2
-    worker_threads: int = 16
+    worker_processes: int = processes.WORKER_PROCESSES
+    worker_threads: int = processes.WORKER_THREADS
     #: Where each process's output goes: a directory of <name>.log files, or None for ours.
     log_dir: Path | None = None
     sandbox_args: list[str] = field(default_factory=list)
@@ -75,34 +67,19 @@ def _dev_secrets(root: Path) -> dict[str, str]:
     return values
 
 
-def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
-    """SIGTERM in reverse start order (clock before worker before web), then wait; kill
-    what is still there after `timeout_s`."""
-    for process in reversed(processes):
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 class DevSystem:
     """Starts everything in order, stops everything in reverse; a context manager."""
 
     def __init__(self, options: DevOptions) -> None:
         self.options = options
         self.env: dict[str, str] = {}
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.processes: dict[str, processes.ManagedProcess] = {}
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
-        self._logs: list[IO[bytes]] = []
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.options.web_port}"
+        return processes.local_url(self.options.web_port)
 
     @property
     def api_token(self) -> str:
@@ -125,7 +102,6 @@ class DevSystem:
             self.redis = EmbeddedRedis(opts.root / "redis")
             env["REDIS_URL"] = self.redis.start()
         env.setdefault("PUBLIC_BASE_URL", self.api_url)
-        env.setdefault("dramatiq_worker_timeout", WORKER_POLL_MS)
         env.update(opts.extra_env)
         self.env = env
 
@@ -133,90 +109,41 @@ class DevSystem:
 
         upgrade(env["DATABASE_URL"])
 
-        python = sys.executable
         if not env.get("KODMOBI_BASE_URL"):
             port = free_port()
             self._spawn(
-                "sandbox",
-                [
-                    python,
-                    "-m",
-                    "worker.cli",
-                    "sandbox",
-                    "--port",
-                    str(port),
-                    "--api-key",
-                    env["KODMOBI_API_KEY"],
-                    *opts.sandbox_args,
-                ],
+                "sandbox", processes.sandbox(port, env["KODMOBI_API_KEY"], *opts.sandbox_args)
             )
             wait_for_port(port)
-            env["KODMOBI_BASE_URL"] = f"http://127.0.0.1:{port}"
-        self._spawn(
-            "web",
-            [
-                python,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "worker.web.app:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(opts.web_port),
-                "--no-access-log",
-            ],
-        )
+            env["KODMOBI_BASE_URL"] = processes.local_url(port)
+        self._spawn("web", processes.local_web(opts.web_port))
         self._spawn(
             "worker",
-            [
-                python,
-                "-m",
-                "dramatiq",
-                "worker.actors",
-                "--processes",
-                str(opts.worker_processes),
-                "--threads",
-                str(opts.worker_threads),
-                "--skip-logging",
-            ],
+            processes.worker(
+                processes=opts.worker_processes,
+                threads=opts.worker_threads,
+                # One set in our environment wins, as it did before the Procfile's.
+                poll_ms=env.get("dramatiq_worker_timeout", processes.WORKER_POLL_MS),
+            ),
         )
-        self._spawn("clock", [python, "-m", "worker.cli", "sweep", "--forever"])
+        self._spawn("clock", processes.clock())
         self.wait_ready()
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
-        stdout: Any = None
-        if self.options.log_dir is not None:
-            self.options.log_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.options.log_dir / f"{name}.log", "ab")  # noqa: SIM115
-            self._logs.append(log)
-            stdout = log
-        self.processes[name] = subprocess.Popen(  # noqa: S603 - our own argv
-            argv, env=self.env, stdout=stdout, stderr=subprocess.STDOUT
-        )
+    def _spawn(self, name: str, command: processes.Command) -> None:
+        log_dir = self.options.log_dir
+        log_path = None if log_dir is None else log_dir / f"{name}.log"
+        process = processes.ManagedProcess.of(name, command, self.env, log_path)
+        self.processes[name] = process.start()
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"web not ready at {self.api_url} after {timeout_s}s")
+        processes.wait_ready(f"{self.api_url}/readyz", self.processes, timeout_s)
 
     def check_alive(self) -> None:
-        for name, process in self.processes.items():
-            code = process.poll()
-            if code is not None:
-                where = f" (see {self.options.log_dir}/{name}.log)" if self.options.log_dir else ""
-                raise RuntimeError(f"process {name} exited with {code}{where}")
+        processes.check_alive(self.processes)
 
     def stop(self) -> None:
-        stop_processes(list(self.processes.values()))
+        processes.stop_processes(list(self.processes.values()))
         self.processes.clear()
-        for log in self._logs:
-            log.close()
         if self.redis is not None:
             self.redis.stop()
         if self.postgres is not None:
@@ -236,8 +163,15 @@ class DevSystem:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
-    parser.add_argument("--processes", type=int, default=2, help="worker processes")
-    parser.add_argument("--threads", type=int, default=16, help="threads per worker process")
+    parser.add_argument(
+        "--processes", type=int, default=processes.WORKER_PROCESSES, help="worker processes"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=processes.WORKER_THREADS,
+        help="threads per worker process",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
-import psycopg
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from psycopg.rows import dict_row
-from sqlalchemy.engine import make_url
 from ulid import ULID
 
-from tests.support.system import CALLBACK_SECRET, System, magic_phone
+from tests.support.callbacks import Awaiting, awaiting_callback
+from tests.support.db import connect
+from tests.support.system import CALLBACK_SECRET, System
 from worker.rules import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_PROGRESS
 from worker.security import callback_token
 
@@ -48,34 +46,8 @@ FINAL_RANK = 3
 # -- the system under attack ------------------------------------------------------------
 
 
-def _db(system: System) -> psycopg.Connection[dict[str, Any]]:
-    url = make_url(system.db_url).set(drivername="postgresql")
-    return psycopg.connect(
-        url.render_as_string(hide_password=False), autocommit=True, row_factory=dict_row
-    )
-
-
-def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (found := probe()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {timeout_s}s")
-        time.sleep(0.05)
-    return found
-
-
-@dataclass
-class Waiting:
-    """A message whose telegram attempt kod.mobi accepted and stays silent about (magic 02);
-    whatsapp (magic 00) would deliver if a failure moved the message on."""
-
-    system: System
-    message_id: str
-    attempt_id: str
-
-    @property
-    def token(self) -> str:
-        return callback_token(CALLBACK_SECRET, self.attempt_id)
+class Waiting(Awaiting):
+    """A silent attempt, its callback URL for any token, and what is stored about it."""
 
     def url(self, token: str | None = None, attempt_id: str | None = None) -> str:
         attempt = quote(self.attempt_id if attempt_id is None else attempt_id, safe="")
@@ -84,7 +56,7 @@ class Waiting:
 
     def snapshot(self) -> dict[str, list[str]]:
         """Every column of the message, its attempts and their callback events, as text."""
-        with _db(self.system) as conn:
+        with connect(self.system) as conn:
             return {
                 table: [
                     row["r"]
@@ -104,7 +76,7 @@ class Waiting:
             }
 
     def statuses(self) -> tuple[str, str]:
-        with _db(self.system) as conn:
+        with connect(self.system) as conn:
             row = conn.execute(
                 "SELECT m.status AS m, a.status AS a FROM messages m"
                 " JOIN attempts a ON a.message_id = m.id WHERE a.id = %s",
@@ -114,7 +86,7 @@ class Waiting:
         return row["m"], row["a"]
 
     def events(self) -> list[dict[str, Any]]:
-        with _db(self.system) as conn:
+        with connect(self.system) as conn:
             return conn.execute(
                 "SELECT status_word, parsed_status, applied, outcome FROM callback_events"
                 " WHERE attempt_id = %s ORDER BY id",
@@ -122,31 +94,9 @@ class Waiting:
             ).fetchall()
 
 
-def awaiting_callback(system: System) -> Waiting:
-    created = system.api.post(
-        "/v1/messages",
-        json={"to": magic_phone(telegram=2, whatsapp=0), "channels": ["telegram", "whatsapp"]},
-    )
-    assert created.status_code == 202, created.text
-    message_id = created.json()["id"]
-
-    def accepted() -> dict[str, Any] | None:
-        attempts = system.message(message_id)["attempts"]
-        return attempts[0] if attempts and attempts[0]["status"] == "accepted" else None
-
-    attempt = wait_for(accepted, "accepted attempt")
-    # Hold the silent attempt open: the test sends its callbacks, not the 2 s deadline.
-    with _db(system) as conn:
-        conn.execute(
-            "UPDATE attempts SET deadline = now() + interval '1 hour' WHERE id = %s",
-            (attempt["id"],),
-        )
-    return Waiting(system, message_id, attempt["id"])
-
-
 @pytest.fixture
 def waiting(system: System) -> Waiting:
-    return awaiting_callback(system)
+    return awaiting_callback(system, Waiting)
 
 
 @pytest.fixture
@@ -316,7 +266,7 @@ def test_forged_tokens_get_404_and_change_nothing(
     system: System, waiting: Waiting, client: httpx.Client
 ) -> None:
     # Given an attempt waiting for its callback, and a second attempt with its own token
-    other = awaiting_callback(system)
+    other = awaiting_callback(system, Waiting)
     before = waiting.snapshot(), other.snapshot()
     attempt_ids = st.sampled_from(
         [waiting.attempt_id, waiting.attempt_id.lower(), waiting.attempt_id + "0"]
@@ -400,7 +350,7 @@ def test_garbage_with_any_status_never_moves_a_status_backwards(
     system: System, client: httpx.Client
 ) -> None:
     # Given a few attempts waiting for their callbacks
-    pool = [awaiting_callback(system) for _ in range(3)]
+    pool = [awaiting_callback(system, Waiting) for _ in range(3)]
 
     @given(request=garbage(meaningful=True), index=st.integers(0, len(pool) - 1))
     @FUZZ
@@ -575,7 +525,7 @@ def test_unknown_attempt_with_a_fitting_token_changes_nothing(
     url = f"{system.web_url}/callbacks/kodmobi/{unknown}/{callback_token(CALLBACK_SECRET, unknown)}"
     # When a callback arrives for it, then it is 404 and nothing is stored for it
     assert client.post(url, json={"status": "delivered"}).status_code == 404
-    with _db(system) as conn:
+    with connect(system) as conn:
         stored = conn.execute(
             "SELECT count(*) AS n FROM callback_events WHERE attempt_id = %s", (unknown,)
         ).fetchone()

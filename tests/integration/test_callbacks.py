@@ -5,34 +5,25 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from psycopg.rows import dict_row
-from sqlalchemy.engine import make_url
 from ulid import ULID
 
+from tests.support.callbacks import Awaiting, awaiting_callback
+from tests.support.db import connect
 from tests.support.system import CALLBACK_SECRET, System, magic_phone, unique_phone
+from tests.support.waiting import wait_for
 from worker.security import callback_token
 
 MAX_BODY = 64 * 1024
 
 
-def _db(system: System) -> psycopg.Connection[dict[str, Any]]:
-    url = make_url(system.db_url).set(drivername="postgresql")
-    return psycopg.connect(
-        url.render_as_string(hide_password=False), autocommit=True, row_factory=dict_row
-    )
-
-
 def events(system: System, attempt_id: str) -> list[dict[str, Any]]:
     """The callback_events rows of an attempt, oldest first."""
-    with _db(system) as conn:
+    with connect(system) as conn:
         return conn.execute(
             "SELECT method, content_type, status_word, parsed_status, kodmobi_message_id,"
             " applied, outcome, duplicates, raw_body FROM callback_events"
@@ -41,32 +32,12 @@ def events(system: System, attempt_id: str) -> list[dict[str, Any]]:
         ).fetchall()
 
 
-def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {timeout_s}s")
-        time.sleep(0.05)
-
-
-@dataclass
-class Waiting:
-    """A message whose telegram attempt kod.mobi accepted and will never call back about."""
-
-    system: System
-    message_id: str
-    attempt_id: str
-    kodmobi_message_id: int
+class Waiting(Awaiting):
+    """A silent attempt with the genuine callback URL and its events at hand."""
 
     @property
     def url(self) -> str:
         return callback_url(self.system, self.attempt_id)
-
-    def message(self) -> dict[str, Any]:
-        return self.system.message(self.message_id)
 
     def attempt(self) -> dict[str, Any]:
         found: dict[str, Any] = self.message()["attempts"][0]
@@ -84,31 +55,9 @@ def callback_url(system: System, attempt_id: str, token: str | None = None) -> s
     return f"{system.web_url}/callbacks/kodmobi/{attempt_id}/{token}"
 
 
-def awaiting_callback(system: System, *, whatsapp: int = 0) -> Waiting:
-    """Given a message over telegram (silent: magic 02), then whatsapp (magic `whatsapp`)."""
-    to = magic_phone(telegram=2, whatsapp=whatsapp)
-    created = system.api.post("/v1/messages", json={"to": to, "channels": ["telegram", "whatsapp"]})
-    assert created.status_code == 202, created.text
-    message_id = created.json()["id"]
-
-    def accepted() -> dict[str, Any] | None:
-        attempts = system.message(message_id)["attempts"]
-        return attempts[0] if attempts and attempts[0]["status"] == "accepted" else None
-
-    attempt = wait_for(accepted, "accepted attempt")
-    # Hold the silent attempt open: its callbacks are the test's to send, not the
-    # deadline's (DELIVERY_TIMEOUT_S is 2 s in this system).
-    with _db(system) as conn:
-        conn.execute(
-            "UPDATE attempts SET deadline = now() + interval '1 hour' WHERE id = %s",
-            (attempt["id"],),
-        )
-    return Waiting(system, message_id, attempt["id"], attempt["kodmobi_message_id"])
-
-
 @pytest.fixture
 def waiting(system: System) -> Waiting:
-    return awaiting_callback(system)
+    return awaiting_callback(system, Waiting)
 
 
 def assert_delivered_on_telegram(waiting: Waiting) -> dict[str, Any]:
@@ -253,7 +202,7 @@ def test_unknown_status_is_stored_and_not_applied(waiting: Waiting, body: dict[s
 def test_a_forged_token_or_unknown_attempt_is_404_and_changes_nothing(
     system: System, waiting: Waiting
 ) -> None:
-    other = awaiting_callback(system)
+    other = awaiting_callback(system, Waiting)
     unknown = str(ULID())
     token = callback_token(CALLBACK_SECRET, waiting.attempt_id)
     wrong_secret = callback_token("another-secret-0123456789", waiting.attempt_id)

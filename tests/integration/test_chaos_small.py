@@ -3,6 +3,7 @@ a few hundred codes go through the Procfile's processes and a misbehaving sandbo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,71 @@ def test_duplicates_are_explained_only_by_a_slow_answer_or_a_client_timeout() ->
     assert not found["twice"].explained
     timed_out = classify_duplicates(sends, {}, {"twice": ["ResponseTimeoutError"]})
     assert all(d.explained for d in timed_out)
+
+
+# -- the call slots check: Redis as the workers use it, and the verdict ------------------------
+
+
+def test_the_slots_check_sees_a_slot_held_and_none_once_given_back(
+    redis_url: str, broker_namespace: str
+) -> None:
+    import redis
+
+    from tests.support.chaos.outcome import read_slots, slots_key
+    from worker.call_slots import KodMobiSlots
+
+    # Given the workers' own slot limiter on Redis
+    client = redis.Redis.from_url(redis_url)
+    slots = KodMobiSlots(client, 4, namespace=broker_namespace)
+    try:
+        # When a call holds a slot, the check counts it as held (no fault happened)
+        with slots():
+            assert read_slots(redis_url, broker_namespace, None).leaked == 1
+        # Then once the call is done none is held
+        assert read_slots(redis_url, broker_namespace, None).leaked == 0
+    finally:
+        client.delete(slots_key(broker_namespace))
+        client.close()
+
+
+def test_a_slot_taken_before_the_last_fault_ages_out_and_is_not_a_leak(
+    redis_url: str, broker_namespace: str
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import redis
+
+    from tests.support.chaos.outcome import read_slots, slots_key
+
+    # Given a slot a SIGKILLed worker took just before the fault, and one taken after it
+    client = redis.Redis.from_url(redis_url)
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    key = slots_key(broker_namespace)
+    client.zadd(key, {"killed-mid-call": now_ms - 5_000, "leaked": now_ms - 1_000})
+    try:
+        fault_ended = datetime.now(UTC) - timedelta(seconds=3)
+        held = read_slots(redis_url, broker_namespace, fault_ended)
+    finally:
+        client.delete(key)
+        client.close()
+    # Then only the later one is a leak
+    assert (held.leaked, held.before_last_fault) == (1, 1)
+
+
+def test_slots_held_when_idle_or_unreadable_fail_the_run(tmp_path: Path) -> None:
+    from tests.support.chaos.model import SlotsHeld
+
+    def report_with(slots: SlotsHeld | None) -> ChaosReport:
+        report = ChaosReport(params=SMALL, workdir=tmp_path, drained=True, slots=slots)
+        report.slots_error = "" if slots else "ConnectionError: refused"
+        return report
+
+    assert report_with(SlotsHeld()).ok
+    assert report_with(SlotsHeld(before_last_fault=2)).ok
+    leaked = report_with(SlotsHeld(leaked=1))
+    assert not leaked.ok
+    assert re.search(r"call slots held when idle +1 +FAIL", format_report(leaked))
+    unknown = report_with(None)
+    assert not unknown.ok
+    assert "FAIL (ConnectionError: refused)" in format_report(unknown)

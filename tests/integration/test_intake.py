@@ -8,13 +8,12 @@ from typing import Any
 
 import dramatiq
 import httpx
-import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.engine import make_url
 from ulid import ULID
 
+from tests.support.db import connect
 from tests.support.system import API_TOKEN, System, unique_phone
 
 # The running system's threads (Dramatiq's consumers, the retry jitter) draw from the global
@@ -31,15 +30,10 @@ def _with_to(body: Any, to: str) -> Any:
     return body
 
 
-def _db(system: System) -> psycopg.Connection[Any]:
-    url = make_url(system.db_url).set(drivername="postgresql")
-    return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
-
-
 def _messages_to(system: System, recipient: str) -> int:
-    with _db(system) as conn:
-        row = conn.execute("SELECT count(*) FROM messages WHERE recipient = %s", (recipient,))
-        return int(row.fetchone()[0])  # type: ignore[index]
+    with connect(system) as conn:
+        row = conn.execute("SELECT count(*) AS n FROM messages WHERE recipient = %s", (recipient,))
+        return int(row.fetchone()["n"])  # type: ignore[index]
 
 
 def _drain(system: System) -> None:
@@ -507,9 +501,9 @@ def test_every_v1_route_needs_a_valid_bearer_token(
             assert response.status_code == 401, (method, path, response.text)
             assert response.headers["www-authenticate"] == "Bearer"
     # And nothing happened behind the door: no check was counted, no message was created
-    with _db(system) as conn:
+    with connect(system) as conn:
         row = conn.execute("SELECT check_count FROM messages WHERE id = %s", (message_id,))
-        assert row.fetchone() == (0,)
+        assert row.fetchone() == {"check_count": 0}
     assert _messages_to(system, recipient) == 0
 
 
@@ -611,7 +605,7 @@ def test_check_of_an_unknown_message_is_404(system: System) -> None:
 def test_check_after_the_code_expired_is_refused(system: System) -> None:
     # Given a delivered code whose TTL has since passed
     message_id, code = _delivered(system)
-    with _db(system) as conn:
+    with connect(system) as conn:
         conn.execute(
             "UPDATE messages SET expires_at = now() - interval '1 second' WHERE id = %s",
             (message_id,),

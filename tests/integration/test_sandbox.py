@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support.servers import serve
+from tests.support.waiting import wait_for
 from worker.embedded import free_port
 from worker.sandbox import SandboxConfig, create_app
 from worker.sandbox.rules import decrypt_code
@@ -52,18 +53,6 @@ def fresh_phone() -> str:
 
 def magic_phone(telegram: str = "00", whatsapp: str = "00", sms: str = "00") -> str:
     return f"+79990{telegram}{whatsapp}{sms}"
-
-
-def wait_for(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
-    """Poll `check` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s")
-        time.sleep(0.01)
 
 
 def assert_error(response: httpx.Response, status: int, sys_message: str) -> dict[str, Any]:

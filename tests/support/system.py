@@ -29,10 +29,10 @@ from worker.usecases.sweep import sweep
 from worker.web.app import create_app
 from worker.wiring import Root
 
-API_KEY = "sandbox-test-key-0123456789"
+API_KEY = "sandbox-test-key-abcdefghijkl"
 API_TOKEN = "test-token-abcdefghijklmnop"
-CALLBACK_SECRET = "callback-secret-0123456789abcdef"
-CODE_KEY = "code-key-0123456789abcdef0123456789"
+CALLBACK_SECRET = "callback-secret-qwertyuiopasdfgh"
+CODE_KEY = "code-key-zyxwvutsrqponmlkjihgfedcba"
 FINAL = MESSAGE_FINAL
 
 

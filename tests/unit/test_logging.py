@@ -48,9 +48,11 @@ def clean_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             logger.disabled = False
     # Secrets registered by one test must not make another pass.
     monkeypatch.setattr(worker_logging, "_known_secrets", set())
+    # A system running in this process (the integration tests') logs through structlog too.
+    saved_structlog = structlog.get_config()
     structlog.reset_defaults()
     yield
-    structlog.reset_defaults()
+    structlog.configure(**saved_structlog)
     for name, (handlers, level, propagate, disabled) in saved.items():
         logger = logging.getLogger(name)
         logger.handlers[:] = handlers

@@ -1,29 +1,33 @@
 """No code, key, token or secret in the logs, and no readable code in the database.
 
-Named to run last in this directory. It does not rely on what earlier tests logged: it
-attaches its own capture to the root logger (with the formatter of the process's own
-handler, so it sees exactly what would be printed), drives a representative set of
-scenarios through the running system, and then looks for every secret it knows of. The
-Dramatiq worker, the sandbox and the web app all run in this process, so their logs pass
-through the same root logger; uvicorn's loggers are routed there as `configure_logging`
-routes them in production (the test harness's uvicorn keeps its own stderr handlers).
+It stands alone, wherever it runs in the session: it sets up the process's logging itself,
+exactly as a worker process does (`configure_process_logging` with the system's settings),
+with the root handler writing into a buffer of its own; it drives a representative set of
+scenarios through the running system; then it looks for every secret it knows of in that
+buffer and in everything the process wrote to its stdout and stderr meanwhile (so a line
+that bypassed the root logger, as a structlog left at its defaults does, is searched too).
+The Dramatiq worker, the sandbox and the web app all run in this process; uvicorn's loggers
+are routed to the root logger at INFO, as in production (the harness's uvicorn runs quieter).
+Everything it changes in the logging set-up is put back afterwards.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import re
 import secrets
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
+import structlog
 from cryptography.exceptions import InvalidTag
-from psycopg.rows import dict_row
-from sqlalchemy.engine import make_url
 
-from tests.support.logs import captured_logs
+from tests.support.db import connect
 from tests.support.system import (
     API_KEY,
     API_TOKEN,
@@ -33,18 +37,14 @@ from tests.support.system import (
     magic_phone,
     unique_phone,
 )
+from worker import logging as worker_logging
 from worker.security import CodeBox, callback_token
+from worker.settings import Settings
 from worker.wiring import configure_process_logging
 
 OTHER_API_TOKEN = "other-token-zzzzzzzz"  # the system's second API_TOKENS entry
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 EVENTS = ("message.accepted", "attempt.accepted", "callback.applied", "fallback.triggered")
-
-
-def _db(system: System) -> psycopg.Connection[dict[str, Any]]:
-    url = make_url(system.db_url).set(drivername="postgresql")
-    return psycopg.connect(
-        url.render_as_string(hide_password=False), autocommit=True, row_factory=dict_row
-    )
 
 
 def new_code() -> str:
@@ -55,6 +55,42 @@ def standalone(code: str) -> re.Pattern[str]:
     """A code as a token of its own: not a run of digits inside a longer number, an id or
     the fraction of a timestamp."""
     return re.compile(rf"(?<![\w.]){re.escape(code)}(?!\w)")
+
+
+@contextmanager
+def process_logs(settings: Settings) -> Iterator[io.StringIO]:
+    """The process's own logging, freshly set up, writing every record into the buffer."""
+    root = logging.getLogger()
+    routed = (*UVICORN_LOGGERS, "dramatiq", "httpx", "httpcore")
+    saved_root = (root.handlers[:], root.level)
+    saved = {name: _logger_state(logging.getLogger(name)) for name in routed}
+    saved_structlog = structlog.get_config()
+    saved_secrets = set(worker_logging._known_secrets)
+    buffer = io.StringIO()
+    try:
+        # As a fresh process: only the secrets its own set-up registers are scrubbed.
+        worker_logging._known_secrets.clear()
+        configure_process_logging(settings)
+        (handler,) = root.handlers
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(buffer)
+        for name in UVICORN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
+        yield buffer
+    finally:
+        root.handlers[:], level = saved_root
+        root.setLevel(level)
+        for name, state in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], level, logger.propagate = state
+            logger.setLevel(level)
+        structlog.configure(**saved_structlog)
+        worker_logging._known_secrets.clear()
+        worker_logging._known_secrets.update(saved_secrets)
+
+
+def _logger_state(logger: logging.Logger) -> tuple[list[logging.Handler], int, bool]:
+    return logger.handlers[:], logger.level, logger.propagate
 
 
 def run_scenarios(system: System, web: httpx.Client) -> dict[str, Any]:
@@ -137,12 +173,14 @@ def sent_codes(system: System, message: dict[str, Any]) -> list[str]:
     return [s["code"] for s in system.sandbox_sends(message["to"]) if s["message_id"] in ours]
 
 
-def test_no_code_key_token_or_secret_reaches_the_logs(system: System) -> None:
-    # Given the process's logging set up as a Procfile process sets up its own, and a
-    # capture of everything the process logs
-    configure_process_logging(system.root.settings)
+def test_no_code_key_token_or_secret_reaches_the_logs(
+    system: System, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Given the process's logging, set up as a worker process sets it up, into a buffer;
+    # and the process's stdout and stderr captured besides
+    capfd.readouterr()
     with (
-        captured_logs() as logs,
+        process_logs(system.root.settings) as logs,
         httpx.Client(
             base_url=system.web_url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10
         ) as web,
@@ -151,7 +189,8 @@ def test_no_code_key_token_or_secret_reaches_the_logs(system: System) -> None:
         made = run_scenarios(system, web)
         finals = [system.wait_final(m, timeout_s=30) for m in made["message_ids"]]
         finals += [system.wait_key_final(k, timeout_s=30) for k in made["keys"]]
-    text = logs.getvalue()
+    printed = capfd.readouterr()
+    text = "\n".join((logs.getvalue(), printed.out, printed.err))
 
     # Then the capture holds the story (so the search below cannot pass on an empty log)
     for event in (*EVENTS, "callback.rejected", "message.rejected", "attempt.retry_scheduled"):
@@ -170,7 +209,7 @@ def test_no_code_key_token_or_secret_reaches_the_logs(system: System) -> None:
     assert not leaked_codes, f"codes in the logs: {leaked_codes}"
 
     # And neither does any key, bearer token, secret, or callback token of any attempt
-    with _db(system) as conn:
+    with connect(system) as conn:
         attempt_ids = [row["id"] for row in conn.execute("SELECT id FROM attempts")]
     named = {
         "KODMOBI_API_KEY": API_KEY,
@@ -199,7 +238,7 @@ def stored(system: System) -> tuple[str, str, dict[str, Any]]:
     )
     message_id = created.json()["id"]
     system.wait_final(message_id)
-    with _db(system) as conn:
+    with connect(system) as conn:
         row = conn.execute("SELECT * FROM messages WHERE id = %s", (message_id,)).fetchone()
     assert row is not None
     return code, message_id, row

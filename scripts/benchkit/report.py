@@ -1,0 +1,173 @@
+"""The bench's table: each figure's median over the runs, its target and verdict; details."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from scripts.benchkit.common import (
+    SLOW_KODMOBI_MS,
+    median,
+)
+
+
+@dataclass
+class Row:
+    figure: str
+    unit: str
+    values: list[float]
+    target: str = ""
+    check: Callable[[float], bool] | None = None
+    digits: int = 0
+    #: "median", or "worst" for counts where any run's loss is a miss
+    agg: str = "median"
+
+    def fmt(self, value: float) -> str:
+        if value != value:
+            return "n/a"
+        return f"{value:,.{self.digits}f}"
+
+    def cells(self) -> list[str]:
+        med = max(self.values) if self.agg == "worst" else median(self.values)
+        verdict = ""
+        if self.check is not None and med == med:
+            verdict = "met" if self.check(med) else "MISSED"
+        runs = ", ".join(self.fmt(v) for v in self.values)
+        shown = self.fmt(med) + (" (worst)" if self.agg == "worst" else "")
+        return [f"{self.figure} ({self.unit})", shown, runs, self.target, verdict]
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ["figure", "median", "runs", "target", ""]
+    table = [header, *[r.cells() for r in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for j, line in enumerate(table):
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def build_rows(results: dict[str, list[dict[str, Any]]]) -> list[Row]:
+    rows: list[Row] = []
+    limit = [r["msgs_per_s"] for r in results.get("limit", [])]
+    if limit:
+        rows.append(Row("limit: no-op actor", "msg/s", limit, "(ceiling)"))
+    e2e = results.get("e2e", [])
+    if e2e:
+        values = [r["msgs_per_s"] for r in e2e]
+        rows.append(Row("end-to-end throughput", "msg/s", values))
+        if limit:
+            ratios = [100 * v / median(limit) for v in values]
+            rows.append(Row("  e2e / limit", "%", ratios, ">= 25%", lambda v: v >= 25, digits=1))
+        rows.append(
+            Row("  e2e not delivered", "msgs", [r["not_delivered"] for r in e2e], "0",
+                lambda v: v == 0, agg="worst")
+        )  # fmt: skip
+    slow = results.get("latency-bound", [])
+    if slow:
+        rows.append(
+            Row(f"latency-bound throughput, kod.mobi {SLOW_KODMOBI_MS} ms", "msg/s",
+                [r["msgs_per_s"] for r in slow], ">= 300", lambda v: v >= 300)
+        )  # fmt: skip
+        rows.append(
+            Row("  latency-bound not delivered", "msgs", [r["not_delivered"] for r in slow],
+                "0", lambda v: v == 0, agg="worst")
+        )  # fmt: skip
+    lat = results.get("latency", [])
+    for path, name in (("http", "POST /v1/messages"), ("raw", "raw Dramatiq enqueue")):
+        if not lat:
+            break
+        for q, target, check in (
+            ("p50", "< 20", lambda v: v < 20),
+            ("p95", "", None),
+            ("p99", "< 100", lambda v: v < 100),
+        ):
+            rows.append(
+                Row(f"latency {name} -> manual/send {q}", "ms",
+                    [r[path][f"{q}_ms"] for r in lat], target, check, digits=1)
+            )  # fmt: skip
+    cb = results.get("callbacks", [])
+    if cb:
+        rows.append(Row("callbacks applied", "/s", [r["applied_per_s"] for r in cb]))
+        rows.append(Row("  bare endpoint, same stack", "req/s", [r["bare_per_s"] for r in cb]))
+        rows.append(
+            Row("  callbacks / bare", "%", [100 * r["ratio"] for r in cb], ">= 30%",
+                lambda v: v >= 30, digits=1)
+        )  # fmt: skip
+    for key, name in (("e2e", "e2e"), ("latency-bound", "latency-bound")):
+        runs = results.get(key, [])
+        if runs and "memory" in results:
+            rows.append(
+                Row(f"memory: peak RSS per worker process, {name}", "MB",
+                    [max(r["worker_rss_mb"] or [float("nan")]) for r in runs], "< 200",
+                    lambda v: v < 200, digits=1)
+            )  # fmt: skip
+    return rows
+
+
+def print_details(results: dict[str, list[dict[str, Any]]]) -> None:
+    """What the table does not show but the next person tuning this will want."""
+    print()
+    print("details (per run):")
+    for figure, runs in results.items():
+        if figure == "memory":
+            continue
+        for i, r in enumerate(runs, 1):
+            cpu = " ".join(f"{k}={v:.2f}" for k, v in r.get("cpu_cores", {}).items())
+            line = f"  {figure} #{i}:"
+            if figure in ("e2e", "latency-bound"):
+                sends = r["sends_per_s"]
+                line += (
+                    f" {r['messages']} in {r['elapsed_s']:.1f}s; kod.mobi calls {sends:.0f}/s"
+                    if sends
+                    else f" {r['messages']} in {r['elapsed_s']:.1f}s"
+                )
+                line += f"; statuses {r['statuses']}; worker RSS MB {r['worker_rss_mb']}"
+                line += f"; web RSS {r['web_rss_mb']} MB"
+                cbs = r["sandbox"]["callbacks"]
+                line += f"; sandbox callbacks sent={cbs['sent']} failed={cbs['failed']}"
+            elif figure == "limit":
+                line += f" {r['messages']} in {r['elapsed_s']:.2f}s"
+            elif figure == "latency":
+                for path in ("http", "raw"):
+                    p = r[path]
+                    line += (
+                        f" {path}: n={p['n']} missing={p['missing']} max={p['max_ms']:.1f}ms "
+                        f"legs p50 (to intake, intake->sending, sending->sandbox)="
+                        f"{p['legs_p50_ms']} ms;"
+                    )
+                if "post_p50_ms" in r["http"]:
+                    line += f" POST answered p50 {r['http']['post_p50_ms']:.1f}ms;"
+                line += f" errors={r['error_count']}"
+            elif figure == "callbacks":
+                line += (
+                    f" {r['applied']} applied of {r['events']} events in {r['elapsed_s']:.2f}s"
+                    f" (HTTP {r['statuses']}), {r['concurrency']} connections; bare "
+                    f"{r['bare_per_s']:.0f} req/s (HTTP {r['bare_statuses']}), bare cores "
+                    + " ".join(f"{k}={v:.2f}" for k, v in r["bare_cpu_cores"].items())
+                )
+            print(line)
+            if cpu:
+                print(f"      cores used: {cpu}")
+
+
+def headline(figure: str, r: dict[str, Any]) -> str:
+    if figure == "limit":
+        return f"{r['msgs_per_s']:.0f} msg/s"
+    if figure in ("e2e", "latency-bound"):
+        return (
+            f"{r['msgs_per_s']:.1f} msg/s, {r['not_delivered']} not delivered, "
+            f"worker RSS {r['worker_rss_mb']} MB"
+        )
+    if figure == "latency":
+        return " | ".join(
+            f"{p} p50 {r[p]['p50_ms']:.1f} p95 {r[p]['p95_ms']:.1f} p99 {r[p]['p99_ms']:.1f} ms"
+            for p in ("http", "raw")
+        )
+    if figure == "callbacks":
+        return (
+            f"{r['applied_per_s']:.0f} applied/s vs bare {r['bare_per_s']:.0f} req/s "
+            f"({100 * r['ratio']:.1f}%)"
+        )
+    return ""

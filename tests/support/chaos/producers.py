@@ -1,0 +1,168 @@
+"""The producers: planned sends, over HTTP and as raw Dramatiq messages, at a steady rate."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import dramatiq
+import httpx
+
+from tests.support.chaos.cluster import Cluster
+from tests.support.chaos.model import PHONE_CHANNELS, ChaosParams
+
+
+@dataclass
+class PlannedSend:
+    index: int
+    via: str  # http | dramatiq
+    body: dict[str, Any]
+    #: malformed on purpose: must end `rejected`
+    invalid: bool = False
+
+
+def plan_sends(params: ChaosParams) -> list[PlannedSend]:
+    """Unique recipients (never the sandbox's magic +79990… numbers), chains of 2–3
+    channels for phones, `email` for emails; a few malformed Dramatiq messages."""
+    rng = random.Random(params.seed)
+    n = params.messages
+    http_count = round(n * params.http_share)
+    vias = ["http"] * http_count + ["dramatiq"] * (n - http_count)
+    rng.shuffle(vias)
+    dramatiq_indexes = [i for i, via in enumerate(vias) if via == "dramatiq"]
+    invalid = set(rng.sample(dramatiq_indexes, min(params.invalid_messages, len(dramatiq_indexes))))
+    sends = []
+    for i, via in enumerate(vias):
+        if i in invalid:
+            body: dict[str, Any] = {"to": f"not-a-number-{i}", "channels": ["sms"]}
+        elif rng.random() < params.email_share:
+            body = {"to": f"chaos.{i}@example.com", "channels": ["email"]}
+        else:
+            chain = rng.sample(PHONE_CHANNELS, rng.choice((2, 3)))
+            body = {"to": f"+79991{i:06d}", "channels": chain}
+        body["metadata"] = {"chaos": i}
+        sends.append(PlannedSend(i, via, body, invalid=i in invalid))
+    return sends
+
+
+class Producers:
+    """Sends at a steady rate, as real producers would: HTTP with an Idempotency-Key and
+    raw Dramatiq messages; each retries through a fault with the same key or message."""
+
+    def __init__(self, cluster: Cluster, params: ChaosParams, run_id: str) -> None:
+        self.cluster = cluster
+        self.params = params
+        self.run_id = run_id
+        self.lock = threading.Lock()
+        #: idempotency key -> (via, message id from the HTTP answer or None)
+        self.accepted: dict[str, tuple[str, str | None]] = {}
+        self.expected_rejected: set[str] = set()
+        self.not_accepted: list[str] = []
+        #: retries by route (http, dramatiq)
+        self.retries: Counter[str] = Counter()
+        self.http = httpx.Client(
+            base_url=cluster.web_url,
+            headers={"Authorization": f"Bearer {cluster.api_token}"},
+            timeout=10,
+            limits=httpx.Limits(max_connections=params.producer_threads),
+            trust_env=False,  # loopback only: never through a proxy from the environment
+        )
+        from worker.broker import build_broker
+
+        self.broker = build_broker(cluster.redis_url, cluster.namespace)
+
+    def close(self) -> None:
+        self.http.close()
+        with contextlib.suppress(Exception):
+            self.broker.close()
+
+    def run(self, sends: list[PlannedSend], t0: float) -> None:
+        with ThreadPoolExecutor(self.params.producer_threads, "producer") as pool:
+            for n, send in enumerate(sends):
+                pause = t0 + n / self.params.send_rate - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                pool.submit(self._send, send)
+
+    def _send(self, send: PlannedSend) -> None:
+        try:
+            if send.via == "http":
+                self._post(send)
+            else:
+                self._enqueue(send)
+        except Exception as exc:  # a producer bug must show in the report, not vanish
+            with self.lock:
+                self.not_accepted.append(f"#{send.index}: producer crashed: {exc!r}")
+
+    @property
+    def http_retries(self) -> int:
+        return self.retries["http"]
+
+    @property
+    def enqueue_retries(self) -> int:
+        return self.retries["dramatiq"]
+
+    def _post(self, send: PlannedSend) -> None:
+        key = f"chaos-{self.run_id}-{send.index}"
+
+        def attempt() -> str | None:
+            try:
+                response = self.http.post(
+                    "/v1/messages", json=send.body, headers={"Idempotency-Key": key}
+                )
+            except httpx.TransportError as exc:
+                return type(exc).__name__
+            if response.status_code in (200, 202):
+                with self.lock:
+                    self.accepted[key] = ("http", response.json()["id"])
+                return None
+            if response.status_code != 429 and response.status_code < 500:
+                with self.lock:
+                    self.not_accepted.append(
+                        f"#{send.index}: HTTP {response.status_code} {response.text[:200]}"
+                    )
+                return None
+            return f"HTTP {response.status_code}"
+
+        self._retry(send, attempt, "gave up after ")
+
+    def _enqueue(self, send: PlannedSend) -> None:
+        message = dramatiq.Message(
+            queue_name="kodmobi", actor_name="send_code", args=(), kwargs=send.body, options={}
+        )
+
+        def attempt() -> str | None:
+            try:
+                self.broker.enqueue(message)
+            except Exception as exc:  # Redis away: the same message again, same message_id
+                return type(exc).__name__
+            with self.lock:
+                self.accepted[message.message_id] = ("dramatiq", None)
+                if send.invalid:
+                    self.expected_rejected.add(message.message_id)
+            return None
+
+        self._retry(send, attempt, "gave up enqueueing: ")
+
+    def _retry(self, send: PlannedSend, attempt: Callable[[], str | None], gave_up: str) -> None:
+        """Call `attempt` until it is done (it returns None: accepted, or refused for good) or
+        the producer's patience runs out; it returns the problem it would retry after. The
+        pause between tries doubles, from 0.1 s up to 2 s."""
+        give_up = time.monotonic() + self.params.producer_give_up_s
+        pause = 0.1
+        while (problem := attempt()) is not None:
+            if time.monotonic() > give_up:
+                with self.lock:
+                    self.not_accepted.append(f"#{send.index}: {gave_up}{problem}")
+                return
+            with self.lock:
+                self.retries[send.via] += 1
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)

@@ -1,0 +1,146 @@
+"""The chaos run's table of figures, with a check mark on each that can fail."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from tests.support.chaos.model import ChaosReport
+from worker.call_slots import SLOT_TTL_MS
+
+
+def _pct(rate: float) -> str:
+    return f"{rate * 100:g}%"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "FAIL"
+
+
+def format_report(report: ChaosReport) -> str:
+    p = report.params
+    rows: list[tuple[str, str, str]] = []
+
+    def row(name: str, value: object, check: str = "") -> None:
+        rows.append((name, str(value), check))
+
+    bound = f"bound {p.drain_bound_s:g} s after the last fault or send"
+    row("messages sent (http / dramatiq)", f"{report.sent} ({report.sent_http} / "
+        f"{report.sent_dramatiq}, {report.expected_rejected} malformed)")  # fmt: skip
+    row(
+        "accepted (http 202/200 / enqueued)",
+        f"{report.accepted} ({report.accepted_http} / {report.accepted_dramatiq})",
+        _mark(not report.not_accepted and report.accepted == report.sent),
+    )
+    row("producer retries (http / enqueue)", f"{report.http_retries} / {report.enqueue_retries}")
+    row("reached a final status", f"{report.final} of {report.accepted}",
+        f"{_mark(report.drained and report.final == report.accepted)} ({bound})")  # fmt: skip
+    row("lost (missing or not final)", len(report.lost), _mark(not report.lost))
+    row("message statuses", _counts(report.status_counts))
+    row("messages in the database", report.messages_in_database)
+    row("attempts", f"{report.attempts} ({_counts(report.attempt_status_counts)})")
+    row("late deliveries applied", report.late_deliveries)
+    row("kod.mobi sends (sandbox record)", report.sandbox_sends)
+    row(
+        "  of unknown attempts",
+        report.unknown_sandbox_sends,
+        _mark(not report.unknown_sandbox_sends),
+    )
+    dup_reasons = Counter(d.reason for d in report.duplicates if d.explained)
+    unexplained = report.unexplained_duplicates
+    row("attempts sent more than once", len(report.duplicates),
+        "all explained" if not unexplained else f"{len(unexplained)} unexplained")  # fmt: skip
+    for reason, count in dup_reasons.most_common():
+        row(f"  {reason}", count)
+    row("  unexplained", len(unexplained))
+    row("fallback order respected", f"{len(report.order_violations)} violations",
+        _mark(not report.order_violations))  # fmt: skip
+    row("statuses consistent with attempts", f"{len(report.consistency_violations)} violations",
+        _mark(not report.consistency_violations))  # fmt: skip
+    row("time to drain after the last fault",
+        "-" if report.drain_after_last_fault_s is None
+        else f"{report.drain_after_last_fault_s:.1f} s", _mark(report.drained))  # fmt: skip
+    row("time to drain after the last send",
+        "-" if report.drain_after_last_send_s is None
+        else f"{report.drain_after_last_send_s:.1f} s")  # fmt: skip
+    row("sending took", f"{report.sending_s:.1f} s at {p.send_rate:g}/s")
+    row("total run time", f"{report.run_s:.1f} s")
+    for fault in report.faults:
+        row(f"fault at t={fault.started_s:.1f}s", f"{fault.kind} {fault.target}"
+            f" ({fault.ended_s - fault.started_s:.1f} s)")  # fmt: skip
+    row("restarts", _counts(report.restarts))
+    row("unexpected exits (crashes)", len(report.crashes), _mark(not report.crashes))
+    slots = report.slots
+    if slots is None:
+        row("kod.mobi call slots held when idle", "unknown",
+            f"FAIL ({report.slots_error or 'not read'})")  # fmt: skip
+    else:
+        aged = (f" (+{slots.before_last_fault} taken before the last fault: they age out"
+                f" after {SLOT_TTL_MS // 1000} s)") if slots.before_last_fault else ""  # fmt: skip
+        row("kod.mobi call slots held when idle", f"{slots.leaked}{aged}", _mark(not slots.leaked))
+    if report.broker is not None:
+        b = report.broker
+        row(
+            "broker when drained (queued/delayed/unacked/dead)",
+            f"{b.queued} / {b.delayed} / {b.unacked} / {b.dead_lettered}",
+        )
+    row(
+        "dead consumer threads in live workers",
+        ", ".join(report.dead_consumer_threads) or "0",
+    )
+    row("peak sandbox callback backlog", report.peak_callbacks_pending)
+    sandbox_responses = report.sandbox_stats.get("responses", {})
+    row("sandbox answers", _counts(sandbox_responses))
+    row("sandbox callbacks", _counts(report.sandbox_stats.get("callbacks", {})))
+
+    faults = Counter(f.kind for f in report.faults)
+    width = max(len(r[0]) for r in rows)
+    vwidth = min(60, max(len(r[1]) for r in rows))
+    lines = [
+        f"kodmobi chaos run: {p.messages} messages, {p.worker_processes} worker processes,"
+        f" {faults['worker_kill']} worker kills, {faults['redis_restart']} Redis restart(s),"
+        f" {faults['postgres_restart']} Postgres restart(s)",
+        f"sandbox: {_pct(p.error_5xx_rate)} 5xx, {_pct(p.throttle_429_rate)} 429,"
+        f" {_pct(p.slow_rate)} slow ({p.slow_ms} ms; read timeout {p.read_timeout_s:g} s),"
+        f" {_pct(p.failure_callback_rate)} failure, {_pct(p.lost_callback_rate)} lost,"
+        f" {_pct(p.duplicate_callback_rate)} duplicated, {_pct(p.out_of_order_rate)}"
+        f" out-of-order callbacks; delivery timeout {p.delivery_timeout_s:g} s",
+        "",
+        f"{'figure'.ljust(width)}  {'value'.ljust(vwidth)}  check",
+        f"{'-' * width}  {'-' * vwidth}  -----",
+    ]
+    lines += [f"{n.ljust(width)}  {v.ljust(vwidth)}  {c}".rstrip() for n, v, c in rows]
+    details: list[str] = []
+    stranded = report.broker.stranded if report.broker else {}
+    for title, items in (
+        ("lost", report.lost),
+        ("not accepted", report.not_accepted),
+        ("fallback order", report.order_violations),
+        ("consistency", report.consistency_violations),
+        ("crashes", report.crashes),
+        ("unacked in live workers when drained", [f"{k}: {v}" for k, v in stranded.items()]),
+        ("unexplained duplicates", [f"{d.attempt_id} ({d.message_id}): {d.reason}"
+                                    for d in unexplained]),
+    ):  # fmt: skip
+        if items:
+            details.append(f"{title} ({len(items)}):")
+            details += [f"  {item}" for item in items[:20]]
+            if len(items) > 20:
+                details.append(f"  … and {len(items) - 20} more")
+    if report.duplicates:
+        lines += [
+            "",
+            "A duplicate: one attempt (one callback URL) that kod.mobi accepted more than once.",
+            f"'slow answer': the sandbox accepted the send but answered after {p.slow_ms} ms, past",
+            f"our {p.read_timeout_s:g} s read timeout; a timeout is transient (DESIGN §7), so"
+            " the worker sent",
+            "the attempt again, and its retry came before the slow send's callback.",
+            "'late answer under load': the same for an answer not drawn slow that still came late.",
+        ]
+    if details:
+        lines += ["", *details]
+    lines += ["", f"result: {'PASS' if report.ok else 'FAIL'}; logs in {report.workdir / 'logs'}"]
+    return "\n".join(lines)
