@@ -52,8 +52,14 @@ def declare_actors(root: Root) -> Actors:
             deliver.deliver(ctx, attempt_id)
 
     def deliver_attempt(attempt_id: str) -> None:
-        """Deliver one attempt (a fallback, a retry, or a re-dispatch by the sweeper)."""
-        deliver.deliver(ctx, attempt_id)
+        """Deliver one attempt (a fallback, a retry, or a re-dispatch by the sweeper).
+
+        A database restart is waited out here too, not left to a Dramatiq retry: that is
+        a delayed message, held in a consumer's memory, which a Redis reconnect drops
+        while it stays in the live worker's ack set (dramatiq#527; the chaos report's
+        "deliver_attempt unacked in a live worker"). Running it again is safe: only an
+        attempt still `queued` is sent, and what kod.mobi answered is recorded in place."""
+        retry_on_disconnect(lambda: deliver.deliver(ctx, attempt_id))
 
     def declare(fn: Any, name: str) -> dramatiq.Actor[..., None]:
         decorate = dramatiq.actor(

@@ -43,6 +43,11 @@ _KEYED_CODE = re.compile(
     r"(?i)([\"']?(?:code|x-api-key|api_key|token)[\"']?\s*[:=]\s*[\"']?)[^\"'\s,&}]+"
 )
 _PHONE = re.compile(r"\+?\d{10,15}")
+# A recipient in a printed argument list or dict, as a producer wrote it: Dramatiq prints a
+# message's arguments before our intake normalises them (`send_code(to='8 (952) 296-62-36')`).
+_KEYED_RECIPIENT = re.compile(
+    r"(?i)(\b(?:to|recipient|phone|email)[\"']?\s*[:=]\s*)([\"'])([^\"'\n]{1,320})\2"
+)
 _EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+\.[A-Za-z]{2,})")
 
 # Literal secrets of this process (API key, tokens, callback secret), registered
@@ -66,6 +71,18 @@ def mask_recipient(value: str) -> str:
     return f"{value[:head]}***{value[-4:]}"
 
 
+def _mask_written(value: str) -> str:
+    """A recipient as written by someone (spaces, dashes, brackets), masked."""
+    if "***" in value:
+        return value
+    if "@" in value:
+        return mask_recipient(value.strip())
+    digits = re.sub(r"\D", "", value)
+    if len(digits) < 7:
+        return value
+    return mask_recipient(("+" if value.strip().startswith("+") else "") + digits)
+
+
 def scrub_text(text: str) -> str:
     """Remove tokens and codes from free text (URLs, bodies, exception messages)."""
     for secret in _known_secrets:
@@ -74,6 +91,9 @@ def scrub_text(text: str) -> str:
     text = _CALLBACK_PATH.sub(lambda m: m.group(1) + REDACTED, text)
     text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
     text = _KEYED_CODE.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _KEYED_RECIPIENT.sub(
+        lambda m: f"{m.group(1)}{m.group(2)}{_mask_written(m.group(3))}{m.group(2)}", text
+    )
     text = _EMAIL.sub(lambda m: f"{m.group(1)}***{m.group(2)}", text)
     return _PHONE.sub(lambda m: mask_recipient(m.group(0)), text)
 

@@ -22,6 +22,7 @@ from worker.kodmobi import KodMobiClient
 from worker.logging import configure_logging
 from worker.security import CodeBox
 from worker.settings import Settings, get_settings
+from worker.spool import CallbackSpool
 from worker.usecases.context import Context
 
 Process = Literal["web", "worker", "clock"]
@@ -73,6 +74,7 @@ def build(settings: Settings) -> Root:
         slots=KodMobiSlots(
             broker.client, settings.kodmobi_max_concurrency, namespace=settings.broker_namespace
         ),
+        spool=CallbackSpool(broker.client, settings.broker_namespace),
     )
     return Root(settings=settings, engine=engine, broker=broker, ctx=ctx)
 

@@ -239,6 +239,42 @@ def test_recipients_are_masked_inside_free_text() -> None:
         assert EMAIL not in visible_text(record)
 
 
+@pytest.mark.parametrize(
+    ("written", "masked"),
+    [
+        ("8 (952) 296-62-36", "8952***6236"),
+        ("+7 952 296 62 36", "+7952***6236"),
+        ("+7-952-296-6236", "+7952***6236"),
+        ("Alice.Smith@Example.com ", "A***@Example.com"),
+    ],
+)
+def test_dramatiq_printing_a_message_as_the_producer_wrote_it_masks_the_recipient(
+    written: str, masked: str
+) -> None:
+    # Given JSON logging, and a producer's message whose recipient is written out loosely
+    # (Dramatiq prints arguments as sent, before our intake normalises them)
+    import dramatiq
+
+    stream = configured()
+    message = dramatiq.Message(
+        queue_name="kodmobi", actor_name="send_code", args=(),
+        kwargs={"to": written, "metadata": {"phone": written}}, options={},
+    )
+
+    # When Dramatiq's own worker and consumer lines print it (issue 12)
+    logging.getLogger("dramatiq.worker.WorkerThread").error(
+        "Failed to process message %s with unhandled exception.", message
+    )
+    logging.getLogger("dramatiq.worker.ConsumerThread").warning(
+        "Failed to post_process_message(%s) due to a connection error: %s", message, "refused"
+    )
+
+    # Then neither line holds the recipient as written, and both hold it masked
+    for record in records(stream):
+        assert written.strip() not in visible_text(record)
+        assert masked in record["event"]
+
+
 # -- codes are removed ----------------------------------------------------------------
 
 

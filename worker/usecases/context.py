@@ -16,6 +16,7 @@ from worker.kodmobi import KodMobiClient
 from worker.logging import get_logger, mask_recipient
 from worker.security import CodeBox, callback_token
 from worker.settings import Settings
+from worker.spool import CallbackSpool
 
 #: Hand an attempt to a worker (enqueue `deliver_attempt`).
 Dispatch = Callable[[str], None]
@@ -39,6 +40,8 @@ class Context:
     dispatch: Dispatch
     #: None: no cap (tests of one use case).
     slots: Slots | None = None
+    #: Where callbacks wait while Postgres is away (issue 12); None: no spool.
+    spool: CallbackSpool | None = None
 
     @contextmanager
     def tx(self) -> Iterator[Session]:

@@ -12,9 +12,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker import wiring
-from worker.usecases.callbacks import Applied, CallbackData, apply_batch
+from worker.usecases.callbacks import CallbackData
 from worker.usecases.group_commit import GroupCommit
-from worker.web import api, callbacks
+from worker.usecases.receive import Received, receive_batch
+from worker.web import api, callbacks, outages
 
 
 def create_app(root: wiring.Root | None = None) -> FastAPI:
@@ -24,9 +25,10 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
         root = wiring.start("web")
 
     ctx = root.ctx
-    # kod.mobi's callbacks are written in group commits (worker.usecases.group_commit).
-    callback_writer: GroupCommit[tuple[str, CallbackData], Applied] = GroupCommit(
-        lambda batch: apply_batch(ctx, batch), name="callbacks"
+    # kod.mobi's callbacks are written in group commits (worker.usecases.group_commit),
+    # through Postgres outages by way of the spool (worker.usecases.receive).
+    callback_writer: GroupCommit[tuple[str, CallbackData], Received] = GroupCommit(
+        lambda batch: receive_batch(ctx, batch), name="callbacks"
     )
 
     @asynccontextmanager
@@ -68,6 +70,7 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
             )
         return await http_exception_handler(request, exc)
 
+    outages.install(app)
     app.include_router(api.router)
     app.include_router(api.health)
     app.include_router(callbacks.router)

@@ -14,12 +14,15 @@ from worker.logging import get_logger
 from worker.schemas import db_text, is_ulid
 from worker.security import verify_callback_token
 from worker.usecases.callbacks import CallbackData
+from worker.usecases.receive import SPOOLED, UNAVAILABLE
 from worker.wiring import Root
 
 router = APIRouter(tags=["callbacks"])
 log = get_logger("worker.callbacks")
 
 MAX_BODY_BYTES = 64 * 1024
+#: Retry-After when neither Postgres nor Redis can keep a callback (issue 12).
+CALLBACK_RETRY_AFTER_S = 5
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
 _HEADERS_KEPT = ("content-type", "user-agent", "x-forwarded-for", "x-request-id")
 
@@ -107,9 +110,11 @@ def _message_id(fields: dict[str, Any]) -> int | None:
     methods=["GET", "POST"],
     responses={
         200: {"description": "stored (and applied when it moves the attempt forward)"},
+        202: {"description": "Postgres is away: kept in the spool, applied once it is back"},
         400: {"description": "unreadable body"},
         404: {"description": "unknown attempt or wrong token"},
         413: {"description": "body over 64 KiB"},
+        503: {"description": "Postgres and Redis both away: send it again after Retry-After"},
     },
 )
 async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSONResponse:
@@ -137,6 +142,12 @@ async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSO
         kodmobi_message_id=_message_id(fields),
     )
     outcome = await request.app.state.callbacks.submit((attempt_id, data))
+    if outcome == UNAVAILABLE:
+        response = _reply(503, "temporarily unavailable")
+        response.headers["Retry-After"] = str(CALLBACK_RETRY_AFTER_S)
+        return response
+    if outcome == SPOOLED:
+        return JSONResponse({"ok": True, "outcome": outcome}, status_code=202)
     if outcome is None:
         return _reply(404, "not found")
     return JSONResponse({"ok": True, "outcome": outcome})
