@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -20,6 +21,15 @@ from worker.usecases.transitions import (
     lock_attempt,
     mark_accepted,
 )
+
+#: Stored events per attempt: kod.mobi sends a handful; past this, events are applied
+#: but not stored, so a leaked URL cannot fill the table (issue 13).
+MAX_EVENTS_PER_ATTEMPT = 32
+#: Raw body kept of a callback whose status word we do not know: enough to learn the
+#: word, not 64 KiB a time (issue 13).
+UNKNOWN_BODY_CHARS = 1024
+
+_EVENT_COUNT = select(func.count()).where(CallbackEvent.attempt_id == bindparam("attempt_id"))
 
 
 @dataclass
@@ -51,27 +61,35 @@ def apply_callback(ctx: Context, attempt_id: str, data: CallbackData) -> Callbac
         # repeat changes nothing: statuses only move forward, so applying the same
         # status twice is a no-op; the unique key just keeps one row and counts.
         outcome, applied, follow_up = _apply(ctx, s, message, attempt, parsed, data, now)
-        stored = s.execute(
-            insert(CallbackEvent)
-            .values(
-                attempt_id=attempt_id,
-                received_at=now,
-                method=data.method,
-                content_type=data.content_type,
-                raw_body=data.raw_body,
-                headers=data.headers,
-                status_word=data.status_word[:64],
-                parsed_status=parsed,
-                kodmobi_message_id=data.kodmobi_message_id,
-                applied=applied,
-                outcome=outcome,
-            )
-            .on_conflict_do_update(
-                constraint="uq_callback_events_attempt_status",
-                set_={"duplicates": CallbackEvent.duplicates + 1},
-            )
-            .returning(CallbackEvent.duplicates)
-        ).scalar_one()
+        if (s.scalar(_EVENT_COUNT, {"attempt_id": attempt_id}) or 0) >= MAX_EVENTS_PER_ATTEMPT:
+            bound.warning("callback.not_stored", reason="event cap", outcome=outcome)
+            stored = 0
+        else:
+            stored = s.execute(
+                insert(CallbackEvent)
+                .values(
+                    attempt_id=attempt_id,
+                    received_at=now,
+                    method=data.method,
+                    content_type=data.content_type,
+                    raw_body=(
+                        data.raw_body[:UNKNOWN_BODY_CHARS]
+                        if parsed is CallbackStatus.UNKNOWN
+                        else data.raw_body
+                    ),
+                    headers=data.headers,
+                    status_word=data.status_word[:64],
+                    parsed_status=parsed,
+                    kodmobi_message_id=data.kodmobi_message_id,
+                    applied=applied,
+                    outcome=outcome,
+                )
+                .on_conflict_do_update(
+                    constraint="uq_callback_events_attempt_status",
+                    set_={"duplicates": CallbackEvent.duplicates + 1},
+                )
+                .returning(CallbackEvent.duplicates)
+            ).scalar_one()
         if stored > 0:
             outcome, applied = CallbackOutcome.DUPLICATE, False
     event = "callback.applied" if applied else "callback.ignored"

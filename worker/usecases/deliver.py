@@ -92,12 +92,13 @@ def _deliver_one(ctx: Context, attempt_id: str) -> str | None:
         assert message.code_ciphertext is not None
         code = ctx.codebox.open(message.code_ciphertext, message.id)
         to, channel, provider_id = message.recipient, attempt.channel, attempt.provider_id
+        deadline = attempt.deadline
         bound = bind(message, attempt)
     bound.info("attempt.sending", tries=attempt.tries)
     try:
         answer = ctx.kodmobi.manual_send(
             to, channel, code=code, provider_id=provider_id,
-            callback_url=ctx.callback_url(attempt_id),
+            callback_url=ctx.callback_url(attempt_id, deadline),
         )
     except KodMobiError as exc:
         failure = exc
