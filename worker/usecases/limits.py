@@ -22,21 +22,22 @@ class RateLimited(Exception):
 
 
 def check_recipient_limits(
-    s: Session, settings: Settings, recipient: str, first_channel: str, now: datetime
+    s: Session, settings: Settings, recipient_key: str, first_channel: str, now: datetime
 ) -> None:
-    """Raise RateLimited when `recipient` has had too many codes lately, or one on
+    """Raise RateLimited when `recipient_key` (the canonical recipient:
+    worker.schemas.canonical_recipient) has had too many codes lately, or one on
     `first_channel` within the cooldown. Takes a per-recipient advisory lock for the rest
     of the transaction, so two intakes at once cannot both slip under a limit."""
     limit, window = settings.recipient_limit, settings.recipient_window_s
     cooldown = settings.channel_cooldown_s
     if limit == 0 and cooldown == 0:
         return
-    s.execute(select(func.pg_advisory_xact_lock(func.hashtext(recipient))))
+    s.execute(select(func.pg_advisory_xact_lock(func.hashtext(recipient_key))))
     if limit:
         recent = s.scalars(
             select(Message.created_at)
             .where(
-                Message.recipient == recipient,
+                Message.recipient_key == recipient_key,
                 Message.created_at >= now - timedelta(seconds=window),
                 Message.status != rules.REJECTED,
             )
@@ -54,7 +55,7 @@ def check_recipient_limits(
             select(func.max(Attempt.created_at))
             .join(Message, Message.id == Attempt.message_id)
             .where(
-                Message.recipient == recipient,
+                Message.recipient_key == recipient_key,
                 Attempt.channel == first_channel,
                 Attempt.created_at >= now - timedelta(seconds=cooldown),
             )
