@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker import rules
+from worker import metrics, rules
 from worker.models import Attempt, CallbackEvent, Message
 from worker.rules import CallbackOutcome, CallbackStatus
 from worker.usecases.context import Context, bind, utcnow
@@ -111,6 +111,7 @@ def _apply(
         if rules.attempt_can_move(attempt.status, rules.DELIVERED):
             finish_attempt(attempt, rules.DELIVERED, "delivery callback", now)
             finish_message(s, message, rules.DELIVERED, None, now, others_open=False)
+            metrics.delivered(attempt.channel, (now - message.created_at).total_seconds())
             return CallbackOutcome.DELIVERED, True, None
         if (
             attempt.status in (rules.TIMED_OUT, rules.ERROR)
@@ -118,6 +119,7 @@ def _apply(
         ):
             # The code reached the user after we gave up on this channel: say so.
             finish_message(s, message, rules.DELIVERED, None, now)
+            metrics.delivered(attempt.channel, (now - message.created_at).total_seconds())
             return CallbackOutcome.LATE_DELIVERY, True, None
         return CallbackOutcome.STALE, False, None
     # a failure word

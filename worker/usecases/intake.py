@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from ulid import ULID
 
-from worker import rules
+from worker import metrics, rules
 from worker.logging import get_logger
 from worker.models import Attempt, Message
 from worker.schemas import SendRequest, db_text, describe_errors, valid_key
@@ -126,7 +126,7 @@ def reject(
     recipient = db_text(raw_to) if isinstance(raw_to, str) else ""
     reason = db_text(reason)
     with ctx.tx() as s:
-        s.execute(
+        inserted: Any = s.execute(
             insert(Message)
             .values(
                 id=message_id,
@@ -146,6 +146,8 @@ def reject(
             .on_conflict_do_nothing(index_elements=["idempotency_key"])
         )
         message = s.scalars(_BY_KEY, {"key": idempotency_key}).one()
+    if inserted.rowcount:
+        metrics.message_final(source, rules.REJECTED)
     bind(message).warning("message.rejected", source=source, reason=reason)
     return message
 

@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 from ulid import ULID
 
-from worker import rules
+from worker import metrics, rules
 from worker.models import Attempt, Message
 from worker.usecases.context import bind
 
@@ -71,6 +71,7 @@ def finish_attempt(attempt: Attempt, status: str, reason: str, now: datetime) ->
     attempt.reason = reason
     attempt.finished_at = now
     attempt.updated_at = now
+    metrics.attempt_final(attempt.channel, status)
 
 
 def finish_message(
@@ -95,12 +96,13 @@ def finish_message(
         message.failure_reason = reason
     if others_open:
         close_open_attempts(s, message, now)
+    metrics.message_final(message.source, status)
     bind(message).log(20 if status == rules.DELIVERED else 30, f"message.{status}", reason=reason)
 
 
 def close_open_attempts(s: Session, message: Message, now: datetime) -> None:
     """A final message has no open attempts: whatever is still open is closed."""
-    s.execute(
+    closed = s.execute(
         update(Attempt)
         .where(Attempt.message_id == message.id, Attempt.status.in_(rules.ATTEMPT_OPEN))
         .values(
@@ -109,7 +111,10 @@ def close_open_attempts(s: Session, message: Message, now: datetime) -> None:
             finished_at=now,
             updated_at=now,
         )
-    )
+        .returning(Attempt.channel)
+    ).scalars()
+    for channel in closed:
+        metrics.attempt_final(channel, rules.ERROR)
 
 
 def expire(s: Session, message: Message, now: datetime, *, others_open: bool = True) -> None:
@@ -127,6 +132,7 @@ def fallback(
         expire(s, message, now, others_open=False)
         return None
     channel = rules.next_channel(message.channels, attempt.seq)
+    metrics.fallback(attempt.channel, channel, metrics.fallback_reason(status, reason))
     if channel is None:
         finish_message(
             s, message, rules.FAILED, f"all channels failed; last: {reason}", now, others_open=False
