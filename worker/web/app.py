@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker import wiring
-from worker.web import api, callbacks
+from worker.web import api, callbacks, ops
 
 
 def create_app(root: wiring.Root | None = None) -> FastAPI:
@@ -53,4 +53,5 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(api.health)
     app.include_router(callbacks.router)
+    ops.install(app)  # GET /metrics and the console at /ops (issue 11)
     return app
