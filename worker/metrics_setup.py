@@ -11,6 +11,7 @@ this runs first in worker.actors, before any import that reaches worker.metrics.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 #: Where the worker's processes keep their metrics when PROMETHEUS_MULTIPROC_DIR is unset.
@@ -54,6 +55,12 @@ def serve_worker_metrics() -> int:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        _server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        # Another worker on this host already serves the directory, or the port is
+        # someone else's: the worker runs on, without this endpoint.
+        print(f"kodmobi worker: metrics not served on {host}:{port}: {exc}", file=sys.stderr)
+        return 0
     thread.join()
     return 0
