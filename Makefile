@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/kodmobi demo
 
 test: install
-	$(BIN)/ruff check worker tests
+	$(BIN)/ruff check worker tests scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 

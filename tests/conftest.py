@@ -44,3 +44,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def broker_namespace() -> str:
     """A Redis key namespace of this test run, so runs sharing one Redis never meet."""
     return f"kodmobi-test-{uuid.uuid4().hex[:8]}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say loudly which checks did not run for want of a program (tests/support/tools.py)."""
+    from tests.support.tools import MISSING
+
+    if not MISSING:
+        return
+    terminalreporter.section("CHECKS NOT RUN", sep="!", red=True, bold=True)
+    for reason in MISSING.values():
+        terminalreporter.write_line(f"SKIPPED: {reason}", red=True, bold=True)

@@ -1,4 +1,4 @@
-"""The `kodmobi` command: sandbox, dev, demo, sweep, send, status, migrate."""
+"""The `kodmobi` command: sandbox, dev, demo, sweep, send, status, purge, migrate."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from worker import wiring
     from worker.logging import get_logger
+    from worker.usecases import retention
     from worker.usecases.sweep import sweep
 
     log = get_logger("worker.clock")
@@ -51,10 +52,22 @@ def _sweep(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("sweep.started", interval_s=interval)
+    if root.settings.metrics_port:
+        from worker import metrics
+
+        metrics.serve(root.settings.metrics_port)
+    log.info("sweep.started", interval_s=interval, metrics_port=root.settings.metrics_port)
+    next_purge = 0.0
     while not stop.is_set():
         try:
             sweep(root.ctx)
+            # Retention's chores ride on the clock: codes are erased every round (their
+            # window has just closed), old rows deleted once a minute.
+            if time.monotonic() >= next_purge:
+                retention.purge(root.ctx)
+                next_purge = time.monotonic() + retention.PURGE_INTERVAL_S
+            else:
+                retention.erase_codes(root.ctx)
         except Exception as exc:  # database or Redis away: say so, and keep sweeping
             log.warning("sweep.failed", error=type(exc).__name__, detail=str(exc)[:300])
         stop.wait(interval)
@@ -77,7 +90,9 @@ def _send_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _send(args: argparse.Namespace) -> int:
     import worker
+    from worker import devstate
 
+    devstate.adopt()
     try:
         accepted = worker.send_code(
             args.to,
@@ -116,7 +131,9 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from worker import wiring
+    from worker import devstate, wiring
+
+    devstate.adopt()
     from worker.usecases import reads
 
     ctx = wiring.get().ctx
@@ -150,6 +167,26 @@ def format_message(m: dict[str, Any]) -> str:
             + (f"  {detail}" if detail else "")
         )
     return "\n".join(lines)
+
+
+# -- kodmobi purge ------------------------------------------------------------------------
+
+
+def _purge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run", action="store_true", help="say what would go, and delete nothing"
+    )
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from worker import devstate, wiring
+    from worker.usecases import retention
+
+    devstate.adopt()
+    ctx = wiring.get().ctx
+    report = retention.purge(ctx, dry_run=args.dry_run)
+    print(f"kodmobi purge (RETENTION_DAYS={ctx.settings.retention_days:g}): {report.describe()}")
+    return 0
 
 
 # -- kodmobi migrate ---------------------------------------------------------------------
@@ -202,6 +239,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]]
     ),
     "send": ("send a code", _here(_send_arguments, _send)),
     "status": ("show a message and its attempts", _here(_status_arguments, _status)),
+    "purge": (
+        "delete what is older than RETENTION_DAYS, erase finished codes (--dry-run: count)",
+        _here(_purge_arguments, _purge),
+    ),
     "migrate": ("apply database migrations (alembic upgrade head)", _here(None, _migrate)),
 }
 

@@ -165,6 +165,8 @@ def _ok(case: Case) -> bool:
 def render(all_cases: list[Case], elapsed: float) -> str:
     lines = [
         f"kodmobi demo  {elapsed:5.1f}s   (sandbox stands in for kod.mobi; logs in .kodmobi/logs/)",
+        "one row per case: how it was sent, to whom (masked), the message's status, and its"
+        " attempts as channel:status in order",
         "",
         f"{'case':<36} {'via':<8} {'to':<18} {'status':<10} attempts",
         "-" * 110,
@@ -220,7 +222,12 @@ def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         for case in all_cases:
             _submit(case, api, broker)
-        shown = ""
+        print(
+            f"kodmobi demo: console at {dev.console_url} (ops token {dev.ops_token}) "
+            f"while the demo runs",
+            flush=True,
+        )
+        shown: dict[str, str] = {}
         while True:
             dev.check_alive()
             for case in all_cases:
@@ -230,9 +237,13 @@ def run(args: argparse.Namespace) -> int:
             if interactive:
                 sys.stdout.write("\x1b[H\x1b[2J" + table + "\n")
                 sys.stdout.flush()
-            elif done or _statuses(all_cases) != shown:
-                shown = _statuses(all_cases)
-                print(f"[{time.monotonic() - started:5.1f}s] {shown}", flush=True)
+            else:
+                # Not a terminal: one labelled line per case whose row changed.
+                for case in all_cases:
+                    row = _row(case)
+                    if shown.get(case.title) != row:
+                        shown[case.title] = row
+                        print(f"[{time.monotonic() - started:5.1f}s] {row}", flush=True)
             if done or time.monotonic() - started > args.timeout:
                 break
             time.sleep(0.25)
@@ -249,8 +260,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo: unexpected outcome for: {', '.join(unexpected)}", file=sys.stderr)
         return 1
     print(f"demo: all {len(all_cases)} messages final, each as expected. Logs: {options.log_dir}")
+    print(
+        "demo: to browse these messages in the operations console, run `kodmobi dev` here and "
+        "open http://127.0.0.1:8000/ops (it prints the address and a dev ops token; the "
+        f"token is OPS_TOKENS in {root / 'dev.env'})"
+    )
     return 0
 
 
-def _statuses(all_cases: list[Case]) -> str:
-    return " ".join((c.last or {}).get("status", "waiting") for c in all_cases)
+def _row(case: Case) -> str:
+    status = case.last["status"] if case.last else "(waiting)"
+    return f"{case.title:<36} {status:<10} {_shown_path(case)}"

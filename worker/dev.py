@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker import processes
+from worker import devstate, processes
 from worker.embedded import (
     EmbeddedPostgres,
     EmbeddedRedis,
@@ -53,6 +54,7 @@ def _dev_secrets(root: Path) -> dict[str, str]:
         "CALLBACK_SECRET": lambda: secrets.token_urlsafe(32),
         "CODE_KEY": lambda: secrets.token_urlsafe(32),
         "API_TOKENS": lambda: "dev-" + secrets.token_urlsafe(24),
+        "OPS_TOKENS": lambda: "ops-" + secrets.token_urlsafe(24),
     }
     changed = False
     for key, make in wanted.items():
@@ -76,6 +78,8 @@ class DevSystem:
         self.processes: dict[str, processes.ManagedProcess] = {}
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
+        #: METRICS_PORT of the worker and the clock (the web serves GET /metrics)
+        self.metrics_ports: dict[str, int] = {}
 
     @property
     def api_url(self) -> str:
@@ -88,6 +92,14 @@ class DevSystem:
     @property
     def sandbox_url(self) -> str:
         return self.env["KODMOBI_BASE_URL"]
+
+    @property
+    def console_url(self) -> str:
+        return f"{self.api_url}/ops"
+
+    @property
+    def ops_token(self) -> str:
+        return self.env["OPS_TOKENS"].split(",")[0]
 
     def start(self) -> None:
         opts = self.options
@@ -102,8 +114,13 @@ class DevSystem:
             self.redis = EmbeddedRedis(opts.root / "redis")
             env["REDIS_URL"] = self.redis.start()
         env.setdefault("PUBLIC_BASE_URL", self.api_url)
+        # Logs for a person at a terminal; JSON when read by a program (DESIGN §9).
+        if sys.stderr.isatty() and opts.log_dir is None:
+            env.setdefault("LOG_FORMAT", "console")
         env.update(opts.extra_env)
         self.env = env
+        self.metrics_ports = {"worker": free_port(), "clock": free_port()}
+        env.setdefault("METRICS_HOST", processes.LOCAL_HOST)
 
         from worker.migrate import upgrade
 
@@ -117,6 +134,11 @@ class DevSystem:
             wait_for_port(port)
             env["KODMOBI_BASE_URL"] = processes.local_url(port)
         self._spawn("web", processes.local_web(opts.web_port))
+        # The worker's processes share one multiprocess directory (worker.metrics_setup),
+        # cleared here so a dev run's counters start at zero.
+        metrics_dir = opts.root / "metrics" / "worker"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
         self._spawn(
             "worker",
             processes.worker(
@@ -125,14 +147,17 @@ class DevSystem:
                 # One set in our environment wins, as it did before the Procfile's.
                 poll_ms=env.get("dramatiq_worker_timeout", processes.WORKER_POLL_MS),
             ),
+            METRICS_PORT=str(self.metrics_ports["worker"]),
+            PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         )
-        self._spawn("clock", processes.clock())
+        self._spawn("clock", processes.clock(), METRICS_PORT=str(self.metrics_ports["clock"]))
         self.wait_ready()
+        devstate.write(self.env, opts.root)
 
-    def _spawn(self, name: str, command: processes.Command) -> None:
+    def _spawn(self, name: str, command: processes.Command, **own_env: str) -> None:
         log_dir = self.options.log_dir
         log_path = None if log_dir is None else log_dir / f"{name}.log"
-        process = processes.ManagedProcess.of(name, command, self.env, log_path)
+        process = processes.ManagedProcess.of(name, command, {**self.env, **own_env}, log_path)
         self.processes[name] = process.start()
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -142,6 +167,7 @@ class DevSystem:
         processes.check_alive(self.processes)
 
     def stop(self) -> None:
+        devstate.remove(self.options.root)
         processes.stop_processes(list(self.processes.values()))
         self.processes.clear()
         if self.redis is not None:
@@ -191,7 +217,12 @@ def run(args: argparse.Namespace) -> int:
         system.start()
         print(
             f"kodmobi dev: web {system.api_url} (API token in {options.root / 'dev.env'}), "
-            f"kod.mobi at {system.sandbox_url}; Ctrl-C stops everything",
+            f"kod.mobi at {system.sandbox_url}\n"
+            f"  operations console: {system.console_url}  (dev ops token: {system.ops_token})\n"
+            f"  metrics: {system.api_url}/metrics, worker :{system.metrics_ports['worker']}, "
+            f"clock :{system.metrics_ports['clock']}\n"
+            f"  kodmobi send/status/purge in this directory use this system; "
+            f"Ctrl-C stops everything",
             file=sys.stderr,
             flush=True,
         )

@@ -61,6 +61,18 @@ class Message(Base):
             "expires_at",
             postgresql_where=text("status IN ('queued', 'sending', 'sent')"),
         ),
+        # The console and retention (migration 0003).
+        Index("ix_messages_created_at", "created_at"),
+        Index(
+            "ix_messages_failed_updated",
+            "updated_at",
+            postgresql_where=text("status = 'failed'"),
+        ),
+        Index(
+            "ix_messages_code_kept",
+            "expires_at",
+            postgresql_where=text("code_ciphertext IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True)
@@ -111,6 +123,7 @@ class Attempt(Base):
             "deadline",
             postgresql_where=text("status IN ('sending', 'accepted')"),
         ),
+        Index("ix_attempts_created_at", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True)
@@ -157,6 +170,7 @@ class CallbackEvent(Base):
             name="uq_callback_events_attempt_status",
             postgresql_nulls_not_distinct=True,
         ),
+        Index("ix_callback_events_attempt_id", "attempt_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

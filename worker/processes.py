@@ -128,6 +128,8 @@ def worker(
     if path:
         args += ["--path", path]
     args += ["--processes", str(processes), "--threads", str(threads), "--skip-logging"]
+    # One metrics endpoint per host, summing every process (worker.metrics_setup).
+    args += ["--fork-function", "worker.metrics_setup:serve_worker_metrics"]
     # Dramatiq reads its poll interval from this (lower-case) environment variable only.
     return Command("dramatiq", "dramatiq", tuple(args), {"dramatiq_worker_timeout": str(poll_ms)})
 

@@ -97,6 +97,14 @@ class Settings(DatabaseSettings):
     )
     delivery_timeout_s: float = Field(60.0, alias="DELIVERY_TIMEOUT_S", gt=0, allow_inf_nan=False)
     code_ttl_s: float = Field(300.0, alias="CODE_TTL_S", gt=0, allow_inf_nan=False)
+    #: Tokens that sign in to the operations console at /ops (DESIGN §12).
+    ops_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, alias="OPS_TOKENS"
+    )
+    #: Messages, attempts and callback events older than this are deleted (DESIGN §12).
+    retention_days: float = Field(30.0, alias="RETENTION_DAYS", gt=0, allow_inf_nan=False)
+    #: Where the worker and the clock expose their metrics (the web serves GET /metrics).
+    metrics_port: int | None = Field(None, alias="METRICS_PORT", ge=1, le=65535)
     log_format: str = Field("json", alias="LOG_FORMAT", pattern="^(json|console)$")
     log_level: str = Field(
         "INFO", alias="LOG_LEVEL", pattern="^(?i)(debug|info|warning|error|critical)$"
@@ -144,6 +152,15 @@ class Settings(DatabaseSettings):
             if not is_loopback_host(host) and (host or "").lower() not in allowed:
                 raise ValueError("must be https:// (plain http only for loopback hosts)")
         return value.rstrip("/")
+
+    @field_validator("ops_tokens", mode="before")
+    @classmethod
+    def _ops_tokens(cls, value: Any) -> Any:
+        tokens = _split_csv(value)
+        if isinstance(tokens, list) and any(len(t) < MIN_SECRET_LENGTH for t in tokens):
+            # Never echo the entry: it is a secret.
+            raise ValueError(f"each token must be at least {MIN_SECRET_LENGTH} characters")
+        return tokens
 
     @field_validator("api_tokens", mode="before")
     @classmethod

@@ -108,7 +108,22 @@ def start(process: Process) -> Root:
     configure_process_logging(root.settings)
     if process == "worker":
         dramatiq.set_broker(root.broker)
+        add_worker_metrics(root.broker)
     return root
+
+
+def add_worker_metrics(broker: RedisBroker) -> None:
+    """Dramatiq's Prometheus middleware for its own series; the host's exposition on
+    METRICS_PORT is our fork function's (worker.metrics_setup.serve_worker_metrics)."""
+    from dramatiq.middleware.prometheus import Prometheus
+
+    class WorkerMetrics(Prometheus):
+        @property
+        def forks(self) -> list[Any]:
+            return []
+
+    if not any(isinstance(m, Prometheus) for m in broker.middleware):
+        broker.add_middleware(WorkerMetrics())
 
 
 def configure_process_logging(settings: Settings) -> None:
@@ -120,5 +135,6 @@ def configure_process_logging(settings: Settings) -> None:
             settings.callback_secret.get_secret_value(),
             *(k.get_secret_value() for k in settings.code_key),
             *(t.token.get_secret_value() for t in settings.api_tokens),
+            *(t.get_secret_value() for t in settings.ops_tokens),
         ],
     )

@@ -26,6 +26,7 @@ def test_the_local_worker_runs_as_the_procfile_says_with_our_interpreter() -> No
     assert command.argv("python") == [
         "python", "-m", "dramatiq", "worker.actors",
         "--processes", "2", "--threads", "16", "--skip-logging",
+        "--fork-function", "worker.metrics_setup:serve_worker_metrics",
     ]  # fmt: skip
     assert command.env == {"dramatiq_worker_timeout": str(processes.WORKER_POLL_MS)}
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from worker import metrics
 from worker.kodmobi import errors
 from worker.kodmobi.models import (
     Channel,
@@ -141,9 +143,19 @@ class KodMobiClient:
     # -- plumbing -----------------------------------------------------------------
 
     def _call(self, method: str, path: str, model: type[T], **kwargs: Any) -> T:
-        response = self._send(method, path, **kwargs)
+        started = time.perf_counter()
+        try:
+            response = self._send(method, path, **kwargs)
+        except errors.KodMobiError as exc:
+            metrics.api_request(path, None, exc.sys_message, time.perf_counter() - started)
+            raise
         if response.status_code >= 400:
-            raise errors.from_response(response)
+            error = errors.from_response(response)
+            metrics.api_request(
+                path, response.status_code, error.sys_message, time.perf_counter() - started
+            )
+            raise error
+        metrics.api_request(path, response.status_code, None, time.perf_counter() - started)
         try:
             answer: T = _adapter(model).validate_json(response.content)
             return answer

@@ -10,7 +10,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
-from worker import rules
+from worker import metrics, rules
 from worker.rules import CallbackOutcome, CallbackStatus
 from worker.usecases.context import Context, bind, utcnow
 from worker.usecases.store import AttemptRow, Changes, MessageRow, lock_pairs
@@ -166,6 +166,7 @@ def _apply(
         if rules.attempt_can_move(attempt.status, rules.DELIVERED):
             finish_attempt(changes, attempt, rules.DELIVERED, "delivery callback", now)
             finish_message(changes, message, rules.DELIVERED, None, now, others_open=False)
+            metrics.delivered(attempt.channel, (now - message.created_at).total_seconds())
             return CallbackOutcome.DELIVERED, True, None
         if (
             attempt.status in (rules.TIMED_OUT, rules.ERROR)
@@ -173,6 +174,7 @@ def _apply(
         ):
             # The code reached the user after we gave up on this channel: say so.
             finish_message(changes, message, rules.DELIVERED, None, now)
+            metrics.delivered(attempt.channel, (now - message.created_at).total_seconds())
             return CallbackOutcome.LATE_DELIVERY, True, None
         return CallbackOutcome.STALE, False, None
     # a failure word

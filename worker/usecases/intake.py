@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection
 from ulid import ULID
 
-from worker import rules
+from worker import metrics, rules
 from worker.logging import get_logger
 from worker.schemas import (
     AcceptedView,
@@ -221,6 +221,7 @@ def reject(
             _FIND, {"producer": producer, "idempotency_key": idempotency_key}
         ).one()
     message_id: str = found[0]
+    metrics.message_final(source, rules.REJECTED)
     bind(_Row(message_id, recipient)).warning("message.rejected", source=source, reason=reason)
     return message_id
 

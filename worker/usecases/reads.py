@@ -51,8 +51,11 @@ def check_code(ctx: Context, message_id: str, code: str, producer: str) -> Check
         ).one_or_none()
         if message is None:
             return None
-        if message.status == rules.REJECTED or message.code_ciphertext is None:
+        if message.status == rules.REJECTED:
             return CheckResult(valid=False, reason="rejected")
+        if message.code_ciphertext is None:
+            # Erased by retention once final and past its check window (issue 11).
+            return CheckResult(valid=False, reason="expired")
         if message.check_count >= MAX_CHECKS:
             return CheckResult(valid=False, reason="too_many_checks")
         message.check_count += 1

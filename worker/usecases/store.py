@@ -29,6 +29,13 @@ class MessageRow:
     status: str
     expires_at: datetime
     code_ciphertext: bytes | None
+    source: str
+    created_at: datetime
+
+
+#: The columns of a MessageRow, in its order.
+MESSAGE_COLUMNS = "id, recipient, channels, status, expires_at, code_ciphertext, source, created_at"
+_M = len(MESSAGE_COLUMNS.split(","))
 
 
 @dataclass(slots=True)
@@ -45,7 +52,7 @@ class AttemptRow:
 
 
 _PAIR_COLUMNS = (
-    "m.id, m.recipient, m.channels, m.status, m.expires_at, m.code_ciphertext, "
+    ", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(",")) + ", "
     "a.id, a.message_id, a.seq, a.channel, a.provider_id, a.status, a.tries, "
     "a.next_try_at, a.kodmobi_message_id"
 )
@@ -57,7 +64,7 @@ LOCK_PAIR = (
 
 
 def pair(row: Any) -> tuple[MessageRow, AttemptRow]:
-    return MessageRow(*row[:6]), AttemptRow(*row[6:])
+    return MessageRow(*row[:_M]), AttemptRow(*row[_M:])
 
 
 def lock_pair(conn: Connection, attempt_id: str) -> tuple[MessageRow, AttemptRow] | None:
@@ -82,8 +89,8 @@ def lock_pairs(
     messages: dict[str, MessageRow] = {}
     found: dict[str, tuple[MessageRow, AttemptRow]] = {}
     for row in conn.exec_driver_sql(_LOCK_PAIRS, {"attempt_ids": attempt_ids}):
-        message = messages.setdefault(row[0], MessageRow(*row[:6]))
-        attempt = AttemptRow(*row[6:])
+        message = messages.setdefault(row[0], MessageRow(*row[:_M]))
+        attempt = AttemptRow(*row[_M:])
         found[attempt.id] = (message, attempt)
     return found
 

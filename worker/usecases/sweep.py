@@ -11,7 +11,7 @@ from worker import rules
 from worker.logging import get_logger
 from worker.usecases.context import Context, utcnow
 from worker.usecases.receive import drain_spool
-from worker.usecases.store import Changes, MessageRow, in_list, pair, select_pairs
+from worker.usecases.store import MESSAGE_COLUMNS, Changes, MessageRow, in_list, pair, select_pairs
 from worker.usecases.transitions import expire, fallback
 
 log = get_logger("worker.sweep")
@@ -20,7 +20,7 @@ log = get_logger("worker.sweep")
 REDISPATCH_AFTER_S = 20.0
 
 _EXPIRED = (
-    "SELECT id, recipient, channels, status, expires_at, code_ciphertext FROM messages "
+    f"SELECT {MESSAGE_COLUMNS} FROM messages "
     f"WHERE status IN {in_list(rules.MESSAGE_OPEN)} AND expires_at <= %(now)s "
     "LIMIT %(batch)s FOR UPDATE SKIP LOCKED"
 )

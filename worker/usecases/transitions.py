@@ -11,7 +11,7 @@ from typing import Any
 
 from ulid import ULID
 
-from worker import rules
+from worker import metrics, rules
 from worker.usecases.context import bind
 from worker.usecases.store import AttemptRow, Changes, MessageRow
 
@@ -62,6 +62,7 @@ def finish_attempt(
     changes: Changes, attempt: AttemptRow, status: str, reason: str, now: datetime
 ) -> None:
     changes.attempt(attempt, status=status, reason=reason, finished_at=now, updated_at=now)
+    metrics.attempt_final(attempt.channel, status)
 
 
 def finish_message(
@@ -84,6 +85,7 @@ def finish_message(
         changes.message(message, status=status, updated_at=now, failure_reason=reason)
     if others_open:
         changes.close_open_attempts(message.id, f"closed: message {status}", now)
+    metrics.message_final(message.source, status)
     bind(message).log(20 if status == rules.DELIVERED else 30, f"message.{status}", reason=reason)
 
 
@@ -109,6 +111,7 @@ def fallback(
         expire(changes, message, now, others_open=False)
         return None
     channel = rules.next_channel(message.channels, attempt.seq)
+    metrics.fallback(attempt.channel, channel, metrics.fallback_reason(status, reason))
     if channel is None:
         finish_message(
             changes,

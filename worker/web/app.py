@@ -15,7 +15,7 @@ from worker import wiring
 from worker.usecases.callbacks import CallbackData
 from worker.usecases.group_commit import GroupCommit
 from worker.usecases.receive import Received, receive_batch
-from worker.web import api, callbacks, outages
+from worker.web import api, callbacks, ops, outages
 from worker.web.limits import BodyLimit
 
 
@@ -82,6 +82,7 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(api.health)
     app.include_router(callbacks.router)
+    ops.install(app)  # GET /metrics and the console at /ops (issue 11)
     # Outermost: bodies are bounded before authentication and parsing (issue 13).
     app.add_middleware(BodyLimit)
     return app

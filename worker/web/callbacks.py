@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from worker import metrics
 from worker.logging import get_logger
 from worker.schemas import db_text, is_ulid
 from worker.security import verify_callback_token
@@ -126,15 +127,18 @@ async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSO
     secret = root.settings.callback_secret.get_secret_value()
     if not is_ulid(attempt_id) or not verify_callback_token(secret, attempt_id, token):
         log.warning("callback.rejected", attempt_id=db_text(attempt_id[:64]), reason="bad token")
+        metrics.callback(metrics.REJECTED)
         return _reply(404, "not found")
     try:
         body = await _read_body(request)
         if body is None:
             log.warning("callback.rejected", attempt_id=attempt_id, reason="too large")
+            metrics.callback(metrics.UNREADABLE)
             return _reply(413, "body over 64 KiB")
         fields = await _fields(request, body)
     except Unreadable as exc:
         log.warning("callback.rejected", attempt_id=attempt_id, reason=str(exc))
+        metrics.callback(metrics.UNREADABLE)
         return _reply(400, f"unreadable callback: {exc}")
     data = CallbackData(
         method=request.method,
@@ -145,6 +149,7 @@ async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSO
         kodmobi_message_id=_message_id(fields),
     )
     outcome = await request.app.state.callbacks.submit((attempt_id, data))
+    metrics.callback(metrics.REJECTED if outcome is None else outcome)
     if outcome == UNAVAILABLE:
         response = _reply(503, "temporarily unavailable")
         response.headers["Retry-After"] = str(CALLBACK_RETRY_AFTER_S)
