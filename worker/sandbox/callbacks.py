@@ -75,9 +75,8 @@ class CallbackDispatcher:
         stats = self._state.stats
         if len(self._tasks) >= MAX_PENDING:
             for status in statuses:
-                record["callbacks"].append(
-                    {"status": status, "sent_at": None, "result": "dropped", "tries": 0, "answers": []}
-                )
+                dropped = {"status": status, "sent_at": None, "result": "dropped", "tries": 0}
+                record["callbacks"].append({**dropped, "answers": []})
             stats.callbacks_dropped += len(statuses)
             return
         task = asyncio.get_running_loop().create_task(self._run(record, statuses, delay_s))
