@@ -319,12 +319,9 @@ def classify_second_codes(
             )
             if all(send is not sends[-1] for send, _answer in told):
                 explained["a send timed out at our client, sent again"] += 1
-            elif (
-                finished is not None
-                and finished < first
-                and "ResponseTimeoutError" in (attempt.get("reason") or "")
-            ):
-                explained["our client's timeouts on kod.mobi ended the attempt first"] += 1
+            elif finished is not None and finished < first and attempt["status"] != "timed_out":
+                # A failure callback, or our client's timeouts on kod.mobi's answers.
+                explained["kod.mobi's own answers ended the attempt before its delivered"] += 1
             elif deadline is not None and first > deadline - DEADLINE_RACE:
                 explained["kod.mobi's delivered after the deadline"] += 1
             elif all(t["result"] == "503" and _inside(_when(t["at"]), windows) for t in tries):
