@@ -49,7 +49,9 @@ def declare_actors(root: Root) -> Actors:
             lambda: intake.accept_dramatiq(ctx, args, kwargs, message_id)
         )
         if attempt_id is not None:
-            deliver.deliver(ctx, attempt_id)
+            # As in deliver_attempt below: a restart between intake and the send is waited
+            # out here, not raised into a Dramatiq retry (and a traceback).
+            retry_on_disconnect(lambda: deliver.deliver(ctx, attempt_id))
 
     def deliver_attempt(attempt_id: str) -> None:
         """Deliver one attempt (a fallback, a retry, or a re-dispatch by the sweeper).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -57,6 +58,11 @@ class CallbackSpool:
         self.held_key = f"{namespace}:callbacks:held"
         self.dead_key = f"{namespace}:callbacks:dead"
         self.lock_key = f"{namespace}:callbacks:drain-lock"
+        # This process's drain-lock token: a lock it could not give back (Redis went away
+        # as it let go, and the lock's expiry survives a restart in the AOF) is still its
+        # own, and must not keep it from draining for DRAIN_LOCK_MS after Redis is back.
+        self._token = uuid.uuid4().hex
+        self._draining_here = threading.Lock()
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -97,15 +103,23 @@ class CallbackSpool:
     @contextmanager
     def draining(self) -> Iterator[bool]:
         """Yields True for the one drainer at a time, False for the others."""
-        token = uuid.uuid4().hex
-        mine = bool(self.client.set(self.lock_key, token, nx=True, px=DRAIN_LOCK_MS))
+        if not self._draining_here.acquire(blocking=False):
+            yield False
+            return
         try:
-            yield mine
+            token = self._token
+            mine = bool(self.client.set(self.lock_key, token, nx=True, px=DRAIN_LOCK_MS))
+            if not mine and self.client.get(self.lock_key) == token.encode():
+                mine = bool(self.client.set(self.lock_key, token, xx=True, px=DRAIN_LOCK_MS))
+            try:
+                yield mine
+            finally:
+                if mine:
+                    with contextlib.suppress(RedisError):  # else it lapses by itself
+                        if self.client.get(self.lock_key) == token.encode():
+                            self.client.delete(self.lock_key)
         finally:
-            if mine:
-                with contextlib.suppress(RedisError):  # else it lapses by itself
-                    if self.client.get(self.lock_key) == token.encode():
-                        self.client.delete(self.lock_key)
+            self._draining_here.release()
 
     def head(self) -> bytes | None:
         value: bytes | None = self.client.lindex(self.key, 0)

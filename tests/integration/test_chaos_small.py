@@ -1,10 +1,12 @@
-"""A smaller chaos run in every `make test`: a worker SIGKILLed and Redis restarted while
-a few hundred codes go through the Procfile's processes and a misbehaving sandbox."""
+"""A smaller chaos run in every `make test`: a worker SIGKILLed, Redis restarted and
+Postgres restarted while kod.mobi's callbacks arrive (issue 12), while a few hundred codes
+go through the Procfile's processes and a misbehaving sandbox."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,10 @@ SMALL = ChaosParams(
     worker_kills=1,
     redis_restarts=1,
     postgres_restarts=0,
+    callback_pg_restarts=1,
+    intake_pg_restarts=0,
+    pg_outages=0,
+    both_down=0,
     invalid_messages=3,
     send_rate=25.0,
     drain_bound_s=120.0,
@@ -61,10 +67,35 @@ def test_every_attempt_sent_twice_to_kodmobi_is_explained(report: ChaosReport) -
 @pytest.mark.slow
 def test_the_faults_really_happened(report: ChaosReport) -> None:
     kinds = sorted(f.kind for f in report.faults)
-    assert kinds == ["redis_restart", "worker_kill"]
+    assert kinds == ["postgres_restart_callbacks", "redis_restart", "worker_kill"]
     assert report.restarts.get("redis") == 1
+    assert report.restarts.get("postgres") == 1
     assert sum(n for name, n in report.restarts.items() if name.startswith("worker-")) == 1
     assert report.sandbox_stats["responses"].get("500", 0) > 0  # the sandbox misbehaved
+    # the Postgres restart really met callbacks arriving
+    (restart,) = [f for f in report.faults if f.kind == "postgres_restart_callbacks"]
+    assert restart.callbacks_during > 0, format_report(report)
+
+
+@pytest.mark.slow
+def test_postgres_restarted_during_callbacks_refuses_none_and_sends_no_code_twice(
+    report: ChaosReport,
+) -> None:
+    # Given Postgres restarted (3 s down) while kod.mobi's callbacks arrive
+    # Then every callback try was answered 2xx (waited out or spooled), and no user got a
+    # code again on another channel because of it
+    assert report.callback_answers.tries > 0
+    assert report.callback_answers.refused == [], format_report(report)
+    assert report.outage_duplicates == [], format_report(report)
+    assert report.intake_5xx == [], format_report(report)
+
+
+@pytest.mark.slow
+def test_the_logs_hold_no_traceback_and_no_unmasked_recipient(report: ChaosReport) -> None:
+    assert report.logs is not None and report.logs.files >= 5
+    assert report.logs.tracebacks == {}, format_report(report)
+    assert report.logs.unmasked == [], format_report(report)
+    assert report.ok, format_report(report)
 
 
 # -- a Redis restart shortly after a Postgres outage ---------------------------------------------
@@ -228,10 +259,12 @@ def test_a_slot_taken_before_the_last_fault_ages_out_and_is_not_a_leak(
 
 
 def test_slots_held_when_idle_or_unreadable_fail_the_run(tmp_path: Path) -> None:
-    from tests.support.chaos.model import SlotsHeld
+    from tests.support.chaos.model import LogFindings, SlotsHeld
 
     def report_with(slots: SlotsHeld | None) -> ChaosReport:
-        report = ChaosReport(params=SMALL, workdir=tmp_path, drained=True, slots=slots)
+        report = ChaosReport(
+            params=SMALL, workdir=tmp_path, drained=True, slots=slots, logs=LogFindings()
+        )
         report.slots_error = "" if slots else "ConnectionError: refused"
         return report
 
@@ -243,3 +276,110 @@ def test_slots_held_when_idle_or_unreadable_fail_the_run(tmp_path: Path) -> None
     unknown = report_with(None)
     assert not unknown.ok
     assert "FAIL (ConnectionError: refused)" in format_report(unknown)
+
+
+# -- the issue 12 checks (no servers): each must be able to fail ---------------------------------
+
+
+def test_the_log_scan_finds_tracebacks_and_recipients_in_any_spelling(tmp_path: Path) -> None:
+    from tests.support.chaos.logscan import scan_logs
+
+    # Given logs with masked recipients only
+    (tmp_path / "web.log").write_text(
+        '{"event": "x", "recipient": "+7999***0123", "to": "c***@example.com"}\n'
+        '{"event": "y", "timestamp": "2025-10-28T09:22:48.950Z", "port": 45123}\n'
+    )
+    recipients = ["+79991000123", "chaos.7@example.com", "8 (999) 100-02-50"]
+    clean = scan_logs(tmp_path, recipients)
+    assert (clean.files, clean.lines, clean.tracebacks, clean.unmasked) == (1, 2, {}, [])
+    # When a worker's log prints them as written, and a traceback
+    (tmp_path / "worker-1.log").write_text(
+        "send_code(to='8 (999) 100-01-23')\n"
+        '{"event": "z", "detail": "+7 999 100 02 50"}\n'
+        '{"event": "w", "who": "chaos.7@example.com"}\n'
+        "Traceback (most recent call last):\n"
+        '{"event": "e", "exception": "Traceback (most recent call last):\\n  ..."}\n'
+    )
+    found = scan_logs(tmp_path, recipients)
+    # Then every spelling and the email are found, and both tracebacks
+    assert len(found.unmasked) == 3, found.unmasked
+    assert found.tracebacks == {"worker-1": 2}
+
+
+def _fault(kind: str, start: str, end: str) -> Any:
+    from datetime import datetime
+
+    from tests.support.chaos.model import FaultEvent
+
+    started, ended = datetime.fromisoformat(start), datetime.fromisoformat(end)
+    return FaultEvent(kind, kind, 0.0, 1.0, ended, started_at=started)
+
+
+def _send(attempt: str, kodmobi_id: int, status: str, *answers: tuple[str, str]) -> dict:
+    return {
+        "message_id": kodmobi_id,
+        "callback_url": f"http://web/callbacks/kodmobi/{attempt}/token",
+        "callbacks": [
+            {"status": status, "answers": [{"at": at, "result": r} for at, r in answers]}
+        ],
+    }
+
+
+def test_callbacks_answered_non_2xx_count_unless_503_while_both_were_down() -> None:
+    from tests.support.chaos.analysis import classify_callback_answers
+
+    both = _fault("both_down", "2025-01-01T00:00:10+00:00", "2025-01-01T00:00:15+00:00")
+    sends = [
+        _send("a1", 1, "delivered", ("2025-01-01T00:00:01Z", "202")),
+        _send("a2", 2, "delivered", ("2025-01-01T00:00:02Z", "500")),
+        _send("a3", 3, "delivered", ("2025-01-01T00:00:12Z", "503")),
+        _send("a4", 4, "failed", ("2025-01-01T00:00:13Z", "500")),
+    ]
+    found = classify_callback_answers(sends, [both])
+    assert found.tries == 4
+    assert [r.split()[0] for r in found.refused] == ["a2"]
+    assert found.both_down_503 == 1
+    assert [r.split()[0] for r in found.both_down_other] == ["a4"]
+
+
+def test_a_next_channel_after_a_delivered_in_time_is_ours_and_fails_the_run(
+    tmp_path: Path,
+) -> None:
+    from datetime import datetime
+
+    from tests.support.chaos.analysis import classify_second_codes
+    from tests.support.chaos.model import LogFindings
+
+    def attempt(aid: str, seq: int, deadline: str) -> dict:
+        return {
+            "id": aid, "seq": seq, "channel": f"ch{seq}", "reason": "no final callback",
+            "deadline": datetime.fromisoformat(deadline), "finished_at": None,
+        }  # fmt: skip
+
+    both = _fault("both_down", "2025-01-01T00:01:00+00:00", "2025-01-01T00:01:05+00:00")
+    day = "2025-01-01T00:"
+    attempts = {
+        "in-time": [attempt("a1", 1, f"{day}00:05+00:00"), attempt("b1", 2, f"{day}00:09+00:00")],
+        "late": [attempt("a2", 1, f"{day}00:05+00:00"), attempt("b2", 2, f"{day}00:09+00:00")],
+        "both-down": [attempt("a3", 1, f"{day}01:05+00:00"), attempt("b3", 2, f"{day}01:09+00:00")],
+    }
+    sandbox = {
+        "a1": [_send("a1", 1, "delivered", ("2025-01-01T00:00:02Z", "202"))],
+        "b1": [_send("b1", 2, "delivered", ("2025-01-01T00:00:07Z", "200"))],
+        "a2": [_send("a2", 3, "delivered", ("2025-01-01T00:00:06Z", "200"))],
+        "b2": [_send("b2", 4, "delivered", ("2025-01-01T00:00:07Z", "200"))],
+        "a3": [_send("a3", 5, "delivered", ("2025-01-01T00:01:01Z", "503"))],
+        "b3": [_send("b3", 6, "delivered", ("2025-01-01T00:01:07Z", "200"))],
+    }
+    found = classify_second_codes(attempts, sandbox, [both])
+    assert [o.split(":")[0] for o in found.ours] == ["in-time"]
+    assert [o.split(":")[0] for o in found.both_down] == ["both-down"]
+    assert found.explained == {"kod.mobi's delivered after the deadline": 1}
+    report = ChaosReport(params=SMALL, workdir=tmp_path, drained=True, logs=LogFindings())
+    from tests.support.chaos.model import SlotsHeld
+
+    report.slots = SlotsHeld()
+    assert report.ok
+    report.second_codes = found
+    assert not report.ok
+    assert re.search(r"codes sent twice caused by our outages +1 +FAIL", format_report(report))

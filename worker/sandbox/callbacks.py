@@ -75,9 +75,8 @@ class CallbackDispatcher:
         stats = self._state.stats
         if len(self._tasks) >= MAX_PENDING:
             for status in statuses:
-                record["callbacks"].append(
-                    {"status": status, "sent_at": None, "result": "dropped", "tries": 0}
-                )
+                dropped = {"status": status, "sent_at": None, "result": "dropped", "tries": 0}
+                record["callbacks"].append({**dropped, "answers": []})
             stats.callbacks_dropped += len(statuses)
             return
         task = asyncio.get_running_loop().create_task(self._run(record, statuses, delay_s))
@@ -108,7 +107,14 @@ class CallbackDispatcher:
             # A "sent" is about the moment of acceptance: stale when it arrives late.
             "timestamp": record["received_at"] if status == "sent" else iso_now(),
         }
-        entry: dict[str, Any] = {"status": status, "sent_at": iso_now(), "result": None, "tries": 0}
+        entry: dict[str, Any] = {
+            "status": status,
+            "sent_at": iso_now(),
+            "result": None,
+            "tries": 0,
+            # Each try's answer, kept: a receiver's 5xx must show even when a retry got through.
+            "answers": [],
+        }
         record["callbacks"].append(entry)
         ok = False
         for attempt in range(config.callback_retries + 1):
@@ -116,14 +122,17 @@ class CallbackDispatcher:
                 state.stats.callbacks_retried += 1
                 await asyncio.sleep(RETRY_PAUSE_S)
             entry["tries"] = attempt + 1
+            tried_at = iso_now()
             try:
                 status_code = await self._deliver(url, body, state.config.callback_style)
             except (CallbackHttpError, httpx.HTTPError) as exc:
                 entry["result"] = (
                     str(exc) if isinstance(exc, CallbackHttpError) else (type(exc).__name__)
                 )
+                self._answered(entry, tried_at)
                 continue
             entry["result"] = str(status_code)
+            self._answered(entry, tried_at)
             if status_code < 500:
                 # A 4xx is the receiver's verdict on this callback: asking again won't change it.
                 ok = status_code < 400
@@ -132,6 +141,13 @@ class CallbackDispatcher:
             state.stats.callbacks_sent += 1
         else:
             state.stats.callbacks_failed += 1
+
+    def _answered(self, entry: dict[str, Any], tried_at: str) -> None:
+        """Record one try's answer (`entry["result"]`) in the send's record and the stats."""
+        result = str(entry["result"])
+        entry["answers"].append({"at": tried_at, "result": result})
+        answers = self._state.stats.callback_answers
+        answers[result] = answers.get(result, 0) + 1
 
     async def _deliver(self, url: str, body: dict[str, Any], style: str) -> int:
         """One try: the receiver's HTTP status, or CallbackHttpError / httpx.HTTPError."""

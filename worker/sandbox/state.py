@@ -76,6 +76,8 @@ class Stats:
         self.callbacks_failed = 0
         self.callbacks_retried = 0
         self.callbacks_dropped = 0
+        #: every try of every callback by the receiver's answer: its HTTP status or the error
+        self.callback_answers: dict[str, int] = {}
 
     def as_dict(self, pending_callbacks: int) -> dict[str, Any]:
         return {
@@ -88,6 +90,7 @@ class Stats:
                 "retried": self.callbacks_retried,
                 "dropped": self.callbacks_dropped,
                 "pending": pending_callbacks,
+                "answers": dict(sorted(self.callback_answers.items())),
             },
         }
 

@@ -56,6 +56,10 @@ Received = CallbackOutcome | Literal["spooled", "unavailable"] | None
 Batch = list[tuple[str, CallbackData]]
 
 _spool_seen_empty_at = 0.0
+#: When this process last waited Postgres out in vain (monotonic). Batches are received one
+#: after the other: were each to wait its own CALLBACK_WAIT_S while Postgres and Redis are
+#: both away, a callback queued behind one would wait twice that, past kod.mobi's timeout.
+_waited_in_vain_at = float("-inf")
 
 
 def receive_batch(ctx: Context, batch: Batch) -> list[Received]:
@@ -67,11 +71,14 @@ def receive_batch(ctx: Context, batch: Batch) -> list[Received]:
         return list(apply_batch(ctx, batch))
     if _spool_not_empty(spool):
         return _push_all(spool, batch, reason="spool not empty")
+    global _waited_in_vain_at
     try:
         return list(apply_batch(ctx, batch))
     except DBAPIError as exc:
         if not is_disconnect(exc):
             raise
+        if time.monotonic() - _waited_in_vain_at < CALLBACK_WAIT_S:
+            return _push_all(spool, batch, reason=f"postgres away: {type(exc).__name__}")
     with spool.holding(CALLBACK_WAIT_S):
         try:
             return list(
@@ -80,6 +87,7 @@ def receive_batch(ctx: Context, batch: Batch) -> list[Received]:
         except DBAPIError as exc:
             if not is_disconnect(exc):
                 raise
+            _waited_in_vain_at = time.monotonic()
             return _push_all(spool, batch, reason=f"postgres away: {type(exc).__name__}")
 
 

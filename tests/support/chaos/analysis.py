@@ -1,17 +1,39 @@
-"""The checks: nothing lost, fallback order, statuses consistent, duplicates explained."""
+"""The checks: nothing lost, fallback order, statuses consistent, duplicates explained; and
+through our own outages (issue 12): how callbacks were answered, codes sent twice because
+of us, what intake answered, and what the logs hold."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from collections import Counter, defaultdict
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.support.chaos.model import FINAL, OPEN_ATTEMPT, ChaosReport, Duplicate
+from tests.support.chaos.logscan import scan_logs
+from tests.support.chaos.model import (
+    FINAL,
+    OPEN_ATTEMPT,
+    CallbackAnswers,
+    ChaosReport,
+    Duplicate,
+    FaultEvent,
+    SecondCodes,
+)
 from tests.support.chaos.outcome import Outcome
-from tests.support.chaos.producers import Producers
+from tests.support.chaos.producers import Producers, recipients
+from worker.usecases.receive import CALLBACK_WAIT_S
+
+#: A callback try that began this long before Postgres and Redis went away together may
+#: still meet both away: the receiver first waits Postgres out (CALLBACK_WAIT_S), then
+#: tries the spool. And one begun just as they came back may meet them still starting.
+BOTH_DOWN_BEFORE = timedelta(seconds=CALLBACK_WAIT_S + 1.0)
+BOTH_DOWN_AFTER = timedelta(seconds=1.0)
+#: A `delivered` that kod.mobi began sending this close to the attempt's deadline may
+#: lose the race with the clock's timeout through no outage of ours.
+DEADLINE_RACE = timedelta(seconds=0.5)
 
 
 def attempt_of(send: dict[str, Any]) -> str | None:
@@ -218,3 +240,138 @@ def analyse(report: ChaosReport, outcome: Outcome, producers: Producers, log_dir
     report.duplicates = classify_duplicates(
         sandbox_by_attempt, message_of_attempt, retry_errors_from_logs(log_dir)
     )
+    analyse_outages(report, outcome, producers, log_dir)
+
+
+def _when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def both_down_windows(faults: list[FaultEvent]) -> list[tuple[datetime, datetime]]:
+    """When a callback try could meet Postgres and Redis both away."""
+    return [
+        (f.started_at - BOTH_DOWN_BEFORE, f.ended_at + BOTH_DOWN_AFTER)
+        for f in faults
+        if f.kind == "both_down" and f.started_at is not None
+    ]
+
+
+def _inside(at: datetime, windows: list[tuple[datetime, datetime]]) -> bool:
+    return any(start <= at <= end for start, end in windows)
+
+
+def classify_callback_answers(
+    sends: list[dict[str, Any]], faults: list[FaultEvent]
+) -> CallbackAnswers:
+    """Every try of every callback kod.mobi made (the sandbox's record), by our answer."""
+    windows = both_down_windows(faults)
+    found = CallbackAnswers()
+    for send in sends:
+        for callback in send.get("callbacks", ()):
+            for answer in callback.get("answers", ()):
+                found.tries += 1
+                result = str(answer["result"])
+                if result.startswith("2"):
+                    continue
+                what = f"{attempt_of(send)} {callback['status']} at {answer['at']}: {result}"
+                if not _inside(_when(answer["at"]), windows):
+                    found.refused.append(what)
+                elif result == "503":
+                    found.both_down_503 += 1
+                else:
+                    found.both_down_other.append(what)
+    return found
+
+
+def classify_second_codes(
+    attempts_by_message: dict[str, list[dict[str, Any]]],
+    sandbox_by_attempt: dict[str, list[dict[str, Any]]],
+    faults: list[FaultEvent],
+) -> SecondCodes:
+    """Messages where kod.mobi said an attempt was delivered and yet a later channel was
+    sent: whose doing it was, by when kod.mobi began that `delivered` callback and for
+    which of the attempt's sends."""
+    windows = both_down_windows(faults)
+    found = SecondCodes()
+    explained: Counter[str] = Counter()
+    for message_id, attempts in attempts_by_message.items():
+        for n, attempt in enumerate(attempts[:-1]):
+            if not any(sandbox_by_attempt.get(a["id"]) for a in attempts[n + 1 :]):
+                continue  # no later channel reached kod.mobi: no second code
+            sends = sorted(sandbox_by_attempt.get(attempt["id"], ()), key=lambda s: s["message_id"])
+            told = [
+                (send, answer)
+                for send in sends
+                for callback in send["callbacks"]
+                if callback["status"] == "delivered"
+                for answer in callback.get("answers", ())
+            ]
+            if not told:
+                continue
+            tries = [answer for _send, answer in told]
+            first = min(_when(t["at"]) for t in tries)
+            deadline = attempt.get("deadline")
+            finished = attempt.get("finished_at")
+            what = (
+                f"{message_id}: {attempt['channel']} delivered at {first.isoformat()}"
+                f" (deadline {deadline.isoformat() if deadline else '-'},"
+                f" answered {[t['result'] for t in tries]}), then {attempts[n + 1]['channel']}"
+            )
+            if all(send is not sends[-1] for send, _answer in told):
+                explained["a send timed out at our client, sent again"] += 1
+            elif finished is not None and finished < first and attempt["status"] != "timed_out":
+                # A failure callback, or our client's timeouts on kod.mobi's answers.
+                explained["kod.mobi's own answers ended the attempt before its delivered"] += 1
+            elif deadline is not None and first > deadline - DEADLINE_RACE:
+                explained["kod.mobi's delivered after the deadline"] += 1
+            elif all(t["result"] == "503" and _inside(_when(t["at"]), windows) for t in tries):
+                found.both_down.append(what)
+            else:
+                found.ours.append(what)
+            break  # one second code per message is enough to name it
+    found.explained = dict(explained.most_common())
+    return found
+
+
+def fault_evidence(
+    faults: list[FaultEvent], sends: list[dict[str, Any]], intake_log: list[tuple[float, str]]
+) -> None:
+    """Count, for each fault, the callback tries and the intake requests begun inside it:
+    proof that a fault placed while callbacks arrive (or intake is busy) really met them."""
+    tries = [
+        _when(answer["at"])
+        for send in sends
+        for callback in send.get("callbacks", ())
+        for answer in callback.get("answers", ())
+    ]
+    for fault in faults:
+        if fault.started_at is None:
+            continue
+        start, end = fault.started_at, fault.ended_at
+        fault.callbacks_during = sum(start <= at <= end for at in tries)
+        inside = [r for t, r in intake_log if start.timestamp() <= t <= end.timestamp()]
+        fault.intake_during = len(inside)
+        fault.intake_503_during = inside.count("503")
+
+
+def analyse_outages(
+    report: ChaosReport, outcome: Outcome, producers: Producers, log_dir: Path
+) -> None:
+    """The issue 12 rows: callbacks' answers, second codes, intake answers, the logs."""
+    sandbox_by_attempt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for send in outcome.sandbox_sends:
+        attempt_id = attempt_of(send)
+        if attempt_id is not None:
+            sandbox_by_attempt[attempt_id].append(send)
+    report.callback_answers = classify_callback_answers(outcome.sandbox_sends, report.faults)
+    report.second_codes = classify_second_codes(outcome.attempts, sandbox_by_attempt, report.faults)
+    fault_evidence(report.faults, outcome.sandbox_sends, producers.intake_log)
+    statuses = [status for _t, status in producers.intake_log]
+    report.intake_503 = statuses.count("503")
+    report.intake_503_without_retry_after = producers.unavailable_without_retry_after
+    report.intake_5xx = [
+        f"{datetime.fromtimestamp(t).isoformat()}: HTTP {status}"
+        for t, status in producers.intake_log
+        if status.isdigit() and int(status) >= 500 and status != "503"
+    ]
+    report.logs = scan_logs(log_dir, recipients(producers.sends))

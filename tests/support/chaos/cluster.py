@@ -13,6 +13,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
+
 from tests.support.chaos.model import ChaosParams, Echo
 from worker import processes
 from worker.embedded import EmbeddedPostgres, EmbeddedRedis, wait_for_port
@@ -100,6 +102,7 @@ class Cluster(processes.LocalEndpoints):
             "--duplicate-callback-rate", str(p.duplicate_callback_rate),
             "--out-of-order-rate", str(p.out_of_order_rate),
             "--callback-delay-ms", str(p.callback_delay_ms),
+            "--callback-retries", str(p.callback_retries),
             "--record-limit", "0",
             "--seed", str(p.seed),
         ]  # fmt: skip
@@ -161,8 +164,40 @@ class Cluster(processes.LocalEndpoints):
     def restart_redis(self) -> str:
         return self._restart_server("redis", self.redis, self.params.redis_downtime_s)
 
-    def restart_postgres(self) -> str:
-        return self._restart_server("postgres", self.postgres, self.params.postgres_downtime_s)
+    def restart_postgres(self, downtime_s: float | None = None) -> str:
+        if downtime_s is None:
+            downtime_s = self.params.postgres_downtime_s
+        return self._restart_server("postgres", self.postgres, downtime_s)
+
+    def take_both_down(self, downtime_s: float) -> str:
+        """Redis and Postgres away together for `downtime_s`, then both back."""
+        self.redis.stop()
+        self.postgres.stop()
+        time.sleep(downtime_s)
+        self.postgres.start()
+        self.redis.start()
+        self.server_restarts["redis"] += 1
+        self.server_restarts["postgres"] += 1
+        return "redis+postgres"
+
+    def callback_tries(self) -> int:
+        """Callback tries the sandbox has had answered so far (-1: cannot tell)."""
+        try:
+            stats = httpx.get(
+                f"{self.sandbox_url}/sandbox/stats",
+                headers={"x-api-key": self.api_key},
+                timeout=2,
+                trust_env=False,
+            ).json()
+            return sum(int(n) for n in stats["callbacks"]["answers"].values())
+        except (httpx.HTTPError, ValueError, KeyError):
+            return -1
+
+    def callbacks_arriving(self) -> bool:
+        """kod.mobi's callbacks are reaching web right now (more answered within 0.2 s)."""
+        before = self.callback_tries()
+        time.sleep(0.2)
+        return before >= 0 and self.callback_tries() > before
 
     def _restart_server(
         self, name: str, server: EmbeddedPostgres | EmbeddedRedis, downtime_s: float

@@ -26,18 +26,37 @@ class ChaosParams:
     http_share: float = 0.5
     #: share of email recipients (their chain is `email` alone)
     email_share: float = 0.1
+    #: share of phone recipients written as people write them (`8 (999) 100-01-23`,
+    #: `+7 999 100 01 23`, `79991000123`), for the unmasked-recipient scan of the logs
+    respelled_share: float = 0.2
     #: malformed raw Dramatiq messages among the rest: they must end `rejected`
     invalid_messages: int = 5
     worker_processes: int = 2
     worker_threads: int = 8
     worker_kills: int = 2
     redis_restarts: int = 1
-    postgres_restarts: int = 1
+    #: plain Postgres restarts, placed by the clock alone
+    postgres_restarts: int = 0
+    #: Postgres restarts placed while kod.mobi's callbacks are arriving (issue 12)
+    callback_pg_restarts: int = 1
+    #: Postgres restarts placed while producers' `POST /v1/messages` are in flight
+    intake_pg_restarts: int = 1
+    #: Postgres away long enough that the receiver spools callbacks in Redis
+    pg_outages: int = 1
+    #: Postgres and Redis away together: callbacks get 503, intake 503, enqueues fail
+    both_down: int = 1
     #: a killed worker stays down this long before it is started again
     kill_downtime_s: float = 1.0
     #: a restarted Redis / Postgres stays down this long (0: stop and start at once)
     redis_downtime_s: float = 0.0
     postgres_downtime_s: float = 0.0
+    #: Postgres stays down this long in a restart placed during callbacks or intake: about
+    #: the 3 s restart of issue 12, within the receiver's wait (CALLBACK_WAIT_S)
+    placed_pg_downtime_s: float = 3.0
+    #: the long Postgres outage: past CALLBACK_WAIT_S, so callbacks go to the spool
+    pg_outage_s: float = 12.0
+    #: Postgres and Redis both away this long
+    both_down_s: float = 5.0
     # The sandbox's misbehaviour.
     error_5xx_rate: float = 0.10
     throttle_429_rate: float = 0.05
@@ -48,6 +67,8 @@ class ChaosParams:
     duplicate_callback_rate: float = 0.10
     out_of_order_rate: float = 0.05
     callback_delay_ms: int = 50
+    #: kod.mobi is assumed not to retry a callback: one answered non-2xx is lost
+    callback_retries: int = 0
     seed: int = 1
     # The system's settings.
     delivery_timeout_s: float = 4.0
@@ -64,19 +85,76 @@ class ChaosParams:
     #: every message must be final this long after the last fault (or the last send)
     drain_bound_s: float = 120.0
     #: an explicit schedule instead of the even spread, e.g. "postgres_restart@15,redis_restart@+1"
-    #: (worker_kill, redis_restart, postgres_restart; @s after the first send, @+s after the
-    #: end of the fault before)
+    #: (worker_kill, redis_restart, postgres_restart, postgres_restart_callbacks,
+    #: postgres_restart_intake, postgres_outage, both_down; @s after the first send, @+s
+    #: after the end of the fault before)
     fault_plan: str = ""
 
 
 @dataclass
 class FaultEvent:
-    kind: str  # worker_kill | redis_restart | postgres_restart
+    kind: str  # one of faults.FAULT_KINDS
     target: str
     started_s: float
     ended_s: float
     #: wall clock at the end, to compare with database timestamps
     ended_at: datetime
+    #: wall clock at the start
+    started_at: datetime | None = None
+    #: callback tries kod.mobi began while this fault lasted (the sandbox's record)
+    callbacks_during: int = 0
+    #: producers' `POST /v1/messages` begun while it lasted, and how many of them got 503
+    intake_during: int = 0
+    intake_503_during: int = 0
+
+
+@dataclass
+class CallbackAnswers:
+    """How our receiver answered kod.mobi's callback tries (the sandbox's record)."""
+
+    tries: int = 0
+    #: non-2xx answers (or connection errors) outside the both-down window: each a lost callback
+    refused: list[str] = field(default_factory=list)
+    #: 503s inside the window where Postgres and Redis were both away: expected
+    both_down_503: int = 0
+    #: other non-2xx answers inside that window (a 500 there is still a bug)
+    both_down_other: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SecondCodes:
+    """Messages where kod.mobi told us a channel delivered, yet a later channel was tried:
+    the user got the code twice."""
+
+    #: kod.mobi's `delivered` came before that attempt's deadline, and we still moved on:
+    #: caused by us (an outage that lost or held back the callback)
+    ours: list[str] = field(default_factory=list)
+    #: the `delivered` was answered 503 while Postgres and Redis were both away (kod.mobi
+    #: does not retry); expected, see the README
+    both_down: list[str] = field(default_factory=list)
+    #: explained by kod.mobi's own slowness, by reason: its `delivered` came after the
+    #: attempt's deadline; or it was for a send whose answer timed out at our client, so we
+    #: sent again (a send kod.mobi accepted twice: we know the later one only); or the
+    #: attempt ended on our client's timeouts before kod.mobi said anything
+    explained: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LogFindings:
+    """What the scan of every process's log found."""
+
+    files: int = 0
+    lines: int = 0
+    #: process -> traceback count (a `Traceback` line or a JSON `exception` holding one)
+    tracebacks: dict[str, int] = field(default_factory=dict)
+    #: `process: what` of every producer recipient (any spelling) or email left unmasked
+    unmasked: list[str] = field(default_factory=list)
+    #: a sample line per traceback, for the details
+    traceback_samples: list[str] = field(default_factory=list)
+
+    @property
+    def traceback_count(self) -> int:
+        return sum(self.tracebacks.values())
 
 
 @dataclass
@@ -137,6 +215,15 @@ class ChaosReport:
     dead_consumer_threads: list[str] = field(default_factory=list)
     #: most callbacks the sandbox had waiting or in flight at once (sampled each second)
     peak_callbacks_pending: int = 0
+    callback_answers: CallbackAnswers = field(default_factory=CallbackAnswers)
+    second_codes: SecondCodes = field(default_factory=SecondCodes)
+    #: None until the logs were scanned (a report never scanned fails)
+    logs: LogFindings | None = None
+    #: producers' `POST /v1/messages` answered 503, and how many of those lacked Retry-After
+    intake_503: int = 0
+    intake_503_without_retry_after: int = 0
+    #: producers' `POST /v1/messages` answered 5xx other than 503: never expected (issue 12)
+    intake_5xx: list[str] = field(default_factory=list)
 
     @property
     def sent(self) -> int:
@@ -151,11 +238,33 @@ class ChaosReport:
         return [d for d in self.duplicates if not d.explained]
 
     @property
+    def outage_duplicates(self) -> list[str]:
+        """Codes sent twice because of us: an attempt kod.mobi accepted twice with no timeout
+        of kod.mobi's to explain it, or a later channel tried after a `delivered` in time."""
+        return [
+            f"{d.attempt_id} ({d.message_id}): {d.reason}" for d in self.unexplained_duplicates
+        ] + self.second_codes.ours
+
+    @property
     def ok(self) -> bool:
         """Nothing lost, everything final in time, order and consistency hold, no process
-        crashed, and no kod.mobi call slot is held once idle (an unreadable count fails)."""
+        crashed, no kod.mobi call slot is held once idle (an unreadable count fails); and
+        through our outages (issue 12): no callback answered non-2xx outside the both-down
+        window (nor anything but 503 inside it), no code sent twice because of us, intake
+        never 5xx but a 503 with Retry-After, and the logs scanned: no traceback, no
+        recipient unmasked."""
+        logs = self.logs
+        answers = self.callback_answers
         return (
-            not self.lost
+            not answers.refused
+            and not answers.both_down_other
+            and not self.outage_duplicates
+            and not self.intake_5xx
+            and not self.intake_503_without_retry_after
+            and logs is not None
+            and logs.traceback_count == 0
+            and not logs.unmasked
+            and not self.lost
             and self.drained
             and self.final == self.accepted
             and not self.not_accepted

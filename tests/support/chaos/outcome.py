@@ -107,7 +107,7 @@ def collect(cluster: Cluster, keys: list[str]) -> Outcome:
         url,
         "message_id",
         "SELECT id, message_id, seq, channel, status, reason, tries, error_code, http_status,"
-        " created_at, sent_at, accepted_at, finished_at FROM attempts"
+        " created_at, sent_at, accepted_at, deadline, finished_at FROM attempts"
         " WHERE message_id = ANY(%s) ORDER BY message_id, seq",
         ids,
     )

@@ -28,6 +28,21 @@ class PlannedSend:
     invalid: bool = False
 
 
+#: How people write a Russian number (`digits`: 11 of them, from the 7), all of which
+#: our intake takes: they reach the logs as written whenever a message's arguments are
+#: printed, so the log scan must catch each spelling.
+SPELLINGS: tuple[Callable[[str], str], ...] = (
+    lambda d: f"8 ({d[1:4]}) {d[4:7]}-{d[7:9]}-{d[9:]}",
+    lambda d: f"+7 {d[1:4]} {d[4:7]} {d[7:9]} {d[9:]}",
+    lambda d: d,
+)
+
+
+def recipients(sends: list[PlannedSend]) -> list[str]:
+    """Every producer's recipient as written (malformed ones included)."""
+    return [str(s.body["to"]) for s in sends]
+
+
 def plan_sends(params: ChaosParams) -> list[PlannedSend]:
     """Unique recipients (never the sandbox's magic +79990… numbers), chains of 2–3
     channels for phones, `email` for emails; a few malformed Dramatiq messages."""
@@ -46,7 +61,10 @@ def plan_sends(params: ChaosParams) -> list[PlannedSend]:
             body = {"to": f"chaos.{i}@example.com", "channels": ["email"]}
         else:
             chain = rng.sample(PHONE_CHANNELS, rng.choice((2, 3)))
-            body = {"to": f"+79991{i:06d}", "channels": chain}
+            to = f"+79991{i:06d}"
+            if rng.random() < params.respelled_share:
+                to = rng.choice(SPELLINGS)(to[1:])
+            body = {"to": to, "channels": chain}
         body["metadata"] = {"chaos": i}
         sends.append(PlannedSend(i, via, body, invalid=i in invalid))
     return sends
@@ -67,6 +85,13 @@ class Producers:
         self.not_accepted: list[str] = []
         #: retries by route (http, dramatiq)
         self.retries: Counter[str] = Counter()
+        #: every `POST /v1/messages` try: (wall clock when it began, its HTTP status or error)
+        self.intake_log: list[tuple[float, str]] = []
+        #: tries answered 503 without a Retry-After header
+        self.unavailable_without_retry_after = 0
+        self._in_flight = 0
+        #: what `run` was given to send
+        self.sends: list[PlannedSend] = []
         self.http = httpx.Client(
             base_url=cluster.web_url,
             headers={"Authorization": f"Bearer {cluster.api_token}"},
@@ -84,6 +109,7 @@ class Producers:
             self.broker.close()
 
     def run(self, sends: list[PlannedSend], t0: float) -> None:
+        self.sends = sends
         with ThreadPoolExecutor(self.params.producer_threads, "producer") as pool:
             for n, send in enumerate(sends):
                 pause = t0 + n / self.params.send_rate - time.monotonic()
@@ -101,6 +127,10 @@ class Producers:
             with self.lock:
                 self.not_accepted.append(f"#{send.index}: producer crashed: {exc!r}")
 
+    def intake_busy(self) -> bool:
+        """A `POST /v1/messages` is in flight right now."""
+        return self._in_flight > 0
+
     @property
     def http_retries(self) -> int:
         return self.retries["http"]
@@ -112,13 +142,31 @@ class Producers:
     def _post(self, send: PlannedSend) -> None:
         key = f"chaos-{self.run_id}-{send.index}"
 
-        def attempt() -> str | None:
+        def attempt() -> tuple[str, float] | str | None:
+            began = time.time()
+            with self.lock:
+                self._in_flight += 1
             try:
                 response = self.http.post(
                     "/v1/messages", json=send.body, headers={"Idempotency-Key": key}
                 )
             except httpx.TransportError as exc:
+                with self.lock:
+                    self.intake_log.append((began, type(exc).__name__))
                 return type(exc).__name__
+            finally:
+                with self.lock:
+                    self._in_flight -= 1
+            with self.lock:
+                self.intake_log.append((began, str(response.status_code)))
+            if response.status_code == 503:
+                # As a real producer would: wait as told, then the same Idempotency-Key again.
+                retry_after = response.headers.get("retry-after", "")
+                if not retry_after.isdigit():
+                    with self.lock:
+                        self.unavailable_without_retry_after += 1
+                    return "HTTP 503"
+                return "HTTP 503", float(retry_after)
             if response.status_code in (200, 202):
                 with self.lock:
                     self.accepted[key] = ("http", response.json()["id"])
@@ -151,18 +199,25 @@ class Producers:
 
         self._retry(send, attempt, "gave up enqueueing: ")
 
-    def _retry(self, send: PlannedSend, attempt: Callable[[], str | None], gave_up: str) -> None:
+    def _retry(
+        self,
+        send: PlannedSend,
+        attempt: Callable[[], tuple[str, float] | str | None],
+        gave_up: str,
+    ) -> None:
         """Call `attempt` until it is done (it returns None: accepted, or refused for good) or
-        the producer's patience runs out; it returns the problem it would retry after. The
-        pause between tries doubles, from 0.1 s up to 2 s."""
+        the producer's patience runs out; it returns the problem it would retry after, with
+        the server's Retry-After when there was one. The pause between tries doubles, from
+        0.1 s up to 2 s; a Retry-After is honoured as it is."""
         give_up = time.monotonic() + self.params.producer_give_up_s
         pause = 0.1
-        while (problem := attempt()) is not None:
+        while (result := attempt()) is not None:
+            problem, wait = result if isinstance(result, tuple) else (result, pause)
             if time.monotonic() > give_up:
                 with self.lock:
                     self.not_accepted.append(f"#{send.index}: {gave_up}{problem}")
                 return
             with self.lock:
                 self.retries[send.via] += 1
-            time.sleep(pause)
+            time.sleep(wait)
             pause = min(pause * 2, 2.0)

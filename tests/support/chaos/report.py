@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from tests.support.chaos.model import ChaosReport
 from worker.call_slots import SLOT_TTL_MS
@@ -18,6 +19,43 @@ def _counts(counts: dict[str, int]) -> str:
 
 def _mark(ok: bool) -> str:
     return "ok" if ok else "FAIL"
+
+
+def _outage_rows(report: ChaosReport, row: Callable[..., None]) -> None:
+    """Issue 12: what kod.mobi's callbacks and the producers met during our outages."""
+    answers = report.callback_answers
+    row("callback tries (sandbox record)", answers.tries)
+    row("  answered non-2xx outside the both-down window", len(answers.refused),
+        _mark(not answers.refused))  # fmt: skip
+    row("  answered 503 while Postgres+Redis were down", answers.both_down_503,
+        "expected" if not answers.both_down_other
+        else f"FAIL ({len(answers.both_down_other)} not 503)")  # fmt: skip
+    second = report.second_codes
+    row("codes sent twice caused by our outages", len(report.outage_duplicates),
+        _mark(not report.outage_duplicates))  # fmt: skip
+    row("  next channel after a delivered in time", len(second.ours))
+    row("  one attempt sent twice, unexplained", len(report.unexplained_duplicates))
+    row("next channel after a 503 while both were down", len(second.both_down),
+        "expected: kod.mobi does not retry")  # fmt: skip
+    row("next channel explained by kod.mobi's slowness", sum(second.explained.values()))
+    for reason, count in second.explained.items():
+        row(f"  {reason}", count)
+    row("intake 503 + Retry-After (retried, same key)", report.intake_503,
+        _mark(not report.intake_503_without_retry_after)
+        + (f" ({report.intake_503_without_retry_after} without Retry-After)"
+           if report.intake_503_without_retry_after else ""))  # fmt: skip
+    row("intake answered other 5xx", len(report.intake_5xx), _mark(not report.intake_5xx))
+    logs = report.logs
+    if logs is None:
+        row("tracebacks in logs", "not scanned", "FAIL")
+        row("unmasked recipients in logs", "not scanned", "FAIL")
+        return
+    scanned = f" ({logs.lines} lines in {logs.files} logs)"
+    row("tracebacks in logs", f"{logs.traceback_count}"
+        + (f" ({_counts(logs.tracebacks)})" if logs.tracebacks else scanned),
+        _mark(not logs.traceback_count))  # fmt: skip
+    row("unmasked recipients in logs", f"{len(logs.unmasked)}{scanned}",
+        _mark(not logs.unmasked))  # fmt: skip
 
 
 def format_report(report: ChaosReport) -> str:
@@ -60,6 +98,7 @@ def format_report(report: ChaosReport) -> str:
         _mark(not report.order_violations))  # fmt: skip
     row("statuses consistent with attempts", f"{len(report.consistency_violations)} violations",
         _mark(not report.consistency_violations))  # fmt: skip
+    _outage_rows(report, row)
     row("time to drain after the last fault",
         "-" if report.drain_after_last_fault_s is None
         else f"{report.drain_after_last_fault_s:.1f} s", _mark(report.drained))  # fmt: skip
@@ -69,8 +108,12 @@ def format_report(report: ChaosReport) -> str:
     row("sending took", f"{report.sending_s:.1f} s at {p.send_rate:g}/s")
     row("total run time", f"{report.run_s:.1f} s")
     for fault in report.faults:
+        inside = ""
+        if fault.started_at is not None:
+            inside = (f"; inside: {fault.callbacks_during} callbacks, {fault.intake_during}"
+                      f" intake requests ({fault.intake_503_during} answered 503)")  # fmt: skip
         row(f"fault at t={fault.started_s:.1f}s", f"{fault.kind} {fault.target}"
-            f" ({fault.ended_s - fault.started_s:.1f} s)")  # fmt: skip
+            f" ({fault.ended_s - fault.started_s:.1f} s{inside})")  # fmt: skip
     row("restarts", _counts(report.restarts))
     row("unexpected exits (crashes)", len(report.crashes), _mark(not report.crashes))
     slots = report.slots
@@ -97,17 +140,23 @@ def format_report(report: ChaosReport) -> str:
     row("sandbox callbacks", _counts(report.sandbox_stats.get("callbacks", {})))
 
     faults = Counter(f.kind for f in report.faults)
+    postgres_kinds = ("postgres_restart", "postgres_restart_callbacks", "postgres_restart_intake")
     width = max(len(r[0]) for r in rows)
     vwidth = min(60, max(len(r[1]) for r in rows))
     lines = [
         f"kodmobi chaos run: {p.messages} messages, {p.worker_processes} worker processes,"
         f" {faults['worker_kill']} worker kills, {faults['redis_restart']} Redis restart(s),"
-        f" {faults['postgres_restart']} Postgres restart(s)",
+        f" {sum(faults[k] for k in postgres_kinds)} Postgres restart(s)"
+        f" ({faults['postgres_restart_callbacks']} placed during callbacks,"
+        f" {faults['postgres_restart_intake']} during intake; {p.placed_pg_downtime_s:g} s),"
+        f" {faults['postgres_outage']} Postgres outage(s) of {p.pg_outage_s:g} s,"
+        f" {faults['both_down']} Redis+Postgres outage(s) of {p.both_down_s:g} s",
         f"sandbox: {_pct(p.error_5xx_rate)} 5xx, {_pct(p.throttle_429_rate)} 429,"
         f" {_pct(p.slow_rate)} slow ({p.slow_ms} ms; read timeout {p.read_timeout_s:g} s),"
         f" {_pct(p.failure_callback_rate)} failure, {_pct(p.lost_callback_rate)} lost,"
         f" {_pct(p.duplicate_callback_rate)} duplicated, {_pct(p.out_of_order_rate)}"
-        f" out-of-order callbacks; delivery timeout {p.delivery_timeout_s:g} s",
+        f" out-of-order callbacks, {p.callback_retries} callback retries;"
+        f" delivery timeout {p.delivery_timeout_s:g} s",
         "",
         f"{'figure'.ljust(width)}  {'value'.ljust(vwidth)}  check",
         f"{'-' * width}  {'-' * vwidth}  -----",
@@ -124,6 +173,14 @@ def format_report(report: ChaosReport) -> str:
         ("unacked in live workers when drained", [f"{k}: {v}" for k, v in stranded.items()]),
         ("unexplained duplicates", [f"{d.attempt_id} ({d.message_id}): {d.reason}"
                                     for d in unexplained]),
+        ("callbacks answered non-2xx", report.callback_answers.refused),
+        ("callbacks answered non-503 while both were down",
+         report.callback_answers.both_down_other),
+        ("second codes caused by our outages", report.second_codes.ours),
+        ("second codes after a 503 while both were down", report.second_codes.both_down),
+        ("intake answered 5xx other than 503", report.intake_5xx),
+        ("tracebacks in logs", report.logs.traceback_samples if report.logs else []),
+        ("unmasked recipients in logs", report.logs.unmasked if report.logs else []),
     ):  # fmt: skip
         if items:
             details.append(f"{title} ({len(items)}):")

@@ -45,6 +45,7 @@ def run_chaos(params: ChaosParams, workdir: Path, echo: Echo | None = None) -> C
         fault_thread = threading.Thread(
             target=run_faults,
             args=(cluster, plan_faults(params), t0, report.faults, stop_faults, say),
+            kwargs={"intake_busy": producers.intake_busy},
             name="faults",
             daemon=True,
         )
