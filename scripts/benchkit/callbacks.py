@@ -113,6 +113,8 @@ def run_callbacks(
         "events": int(row[1]) - warm if row else 0,
         "messages_delivered": int(delivered[0]) - warm if delivered else 0,
         "statuses": real.statuses,
+        # Anything but 200 (a timeout or a refused connection counts under its own key).
+        "failed": sum(n for status, n in real.statuses.items() if status != 200),
         "elapsed_s": real.elapsed_s,
         "bare_per_s": bare.per_s,
         "bare_statuses": bare.statuses,

@@ -21,6 +21,8 @@ FIGURES = ("limit", "e2e", "latency-bound", "latency", "callbacks", "memory")
 #: Sandbox answer delay of the latency-bound figure.
 SLOW_KODMOBI_MS = 200
 LATENCY_RATE = 20.0
+#: Seconds of nothing to do, measured before the latency run: what an idle system costs.
+IDLE_S = 5.0
 RSS_EVERY_S = 0.2
 #: Give up on a run that makes no progress for this long.
 STALL_S = 60.0

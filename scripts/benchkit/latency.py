@@ -12,7 +12,9 @@ import httpx
 import psycopg
 
 from scripts.benchkit.common import (
+    IDLE_S,
     LATENCY_RATE,
+    PROCESSES,
     log,
     percentile,
     phone,
@@ -80,6 +82,11 @@ def run_latency(infra: Infra, duration_s: float, label: str) -> dict[str, Any]:
                 time.sleep(0.01)
             wait_received(warm)
             time.sleep(1.0)
+            # Idle: nothing to do, every process as it sits between bursts.
+            idle_meter = CpuMeter(sys_.roles())
+            idle_meter.start()
+            time.sleep(IDLE_S)
+            idle = idle_meter.stop()
             count = int(duration_s * LATENCY_RATE)
             meter = CpuMeter(sys_.roles())
             meter.start()
@@ -114,6 +121,8 @@ def run_latency(infra: Infra, duration_s: float, label: str) -> dict[str, Any]:
         "error_count": len(errors),
         "received_at_format": sorted(precision),
         "cpu_cores": cpu,
+        "idle_cores": idle,
+        "worker_processes": PROCESSES,
     }
     for path in ("http", "raw"):
         latencies, to_intake, to_send, to_sandbox = [], [], [], []

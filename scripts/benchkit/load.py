@@ -66,6 +66,11 @@ class _Load:
     statuses: Counter[int] = field(default_factory=Counter)
 
 
+#: A request not answered within this long counts as failed (status 0), as a caller
+#: such as kod.mobi would give up on it (its timeout is not published; 5 s is typical).
+REQUEST_TIMEOUT_S = 5.0
+
+
 async def _connection(host: str, port: int, load: _Load) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -75,7 +80,15 @@ async def _connection(host: str, port: int, load: _Load) -> None:
                 b"Content-Type: application/json\r\nUser-Agent: kodmobi-bench\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
             )
-            head = await reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await asyncio.wait_for(
+                    reader.readuntil(b"\r\n\r\n"), timeout=REQUEST_TIMEOUT_S
+                )
+            except TimeoutError:
+                load.statuses[0] += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+                continue
             status = int(head[9:12])
             length = 0
             close = False
