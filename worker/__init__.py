@@ -31,15 +31,18 @@ def send_code(
     ttl_s: int | None = None,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    notify: dict[str, Any] | None = None,
 ) -> AcceptedView:
     """Record a code to send and hand it to a worker; returns at once.
 
+    `notify` = {"url", "queue_name", "actor_name", "events"}: who hears of its outcome.
     Raises InvalidRequest, IdempotencyConflict (same key, other request) or RateLimited."""
     from pydantic import ValidationError
 
     from worker import wiring
     from worker.schemas import SendRequest, describe_errors
     from worker.usecases import intake
+    from worker.usecases.outbox import NotifyRefused
 
     fields = {
         "to": to,
@@ -48,13 +51,17 @@ def send_code(
         "provider_id": provider_id,
         "ttl_s": ttl_s,
         "metadata": metadata,
+        "notify": notify,
     }
     try:
         request = SendRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         raise InvalidRequest(describe_errors(exc)) from None
     ctx = wiring.get().ctx
-    result = intake.accept(ctx, request, idempotency_key=idempotency_key, source="python")
+    try:
+        result = intake.accept(ctx, request, idempotency_key=idempotency_key, source="python")
+    except NotifyRefused as exc:
+        raise InvalidRequest(str(exc)) from None
     if result.created and result.attempt_id is not None:
         ctx.hand_off(result.attempt_id)
     return result.accepted

@@ -16,6 +16,7 @@ from worker import rules
 from worker.logging import get_logger
 from worker.schemas import AcceptedView, SendRequest, db_text, describe_errors, valid_key
 from worker.security import draw_code
+from worker.usecases import outbox
 from worker.usecases.context import Context, bind, utcnow
 from worker.usecases.limits import RateLimited, check_recipient_limits
 
@@ -51,7 +52,7 @@ _QUEUED_ATTEMPT = (
 _MESSAGE_COLUMNS = (
     "id, idempotency_key, fingerprint, source, recipient, recipient_kind, channels, "
     "provider_id, code_ciphertext, status, failure_reason, metadata, created_at, updated_at, "
-    "expires_at"
+    "expires_at, notify"
 )
 _MESSAGE_VALUES = ", ".join(f"%({c.strip()})s" for c in _MESSAGE_COLUMNS.split(","))
 # The message and its first attempt in one statement; a concurrent intake with the same
@@ -70,9 +71,16 @@ WITH m AS (
 )
 SELECT id, status, channels, expires_at FROM m
 """
+# The rejected message and its `message.rejected` event (issue 10) in one statement.
 _INSERT_REJECTED = f"""
-INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_VALUES})
-ON CONFLICT (idempotency_key) DO NOTHING
+WITH m AS (
+  INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_VALUES})
+  ON CONFLICT (idempotency_key) DO NOTHING
+  {outbox.MESSAGE_RETURNING}
+)
+{outbox.insert_one(
+    id_param="%(event_id)s", type_sql=f"'message.{rules.REJECTED}'", at_param="%(created_at)s",
+    source="m", attempts=None)}
 """
 
 
@@ -102,6 +110,7 @@ def accept(
     chain = request.chain(ctx.settings.default_channels)
     ttl = request.ttl_s or ctx.settings.code_ttl_s
     code = request.code or draw_code(DRAWN_CODE_LENGTH)
+    notify = outbox.subscription(ctx.settings, request.notify)
     with ctx.conn() as conn:
         existing = _existing(conn, key, fingerprint)
         if existing is not None:
@@ -126,6 +135,7 @@ def accept(
                 "created_at": now,
                 "updated_at": now,
                 "expires_at": now + timedelta(seconds=ttl),
+                "notify": None if notify is None else Jsonb(notify),
                 "attempt_id": attempt_id,
                 "channel": chain[0],
             },
@@ -158,7 +168,13 @@ def _existing(conn: Connection, key: str, fingerprint: str) -> IntakeResult | No
 
 
 def reject(
-    ctx: Context, *, idempotency_key: str, source: str, reason: str, raw_to: Any = None
+    ctx: Context,
+    *,
+    idempotency_key: str,
+    source: str,
+    reason: str,
+    raw_to: Any = None,
+    raw_notify: Any = None,
 ) -> str:
     """Record input we will never send, with the reason, so the producer can see why.
     Returns the id of the message recorded under the key."""
@@ -184,11 +200,17 @@ def reject(
                 "created_at": now,
                 "updated_at": now,
                 "expires_at": now,
+                "notify": _jsonb(outbox.subscription_of_raw(ctx.settings, raw_notify)),
+                "event_id": str(ULID()),
             },
         )
         message_id: str = conn.exec_driver_sql(_FIND, {"key": idempotency_key}).one()[0]
     bind(_Row(message_id, recipient)).warning("message.rejected", source=source, reason=reason)
     return message_id
+
+
+def _jsonb(value: dict[str, Any] | None) -> Jsonb | None:
+    return None if value is None else Jsonb(value)
 
 
 def accept_dramatiq(
@@ -202,20 +224,22 @@ def accept_dramatiq(
     if key is None:
         key = message_id
     raw_to = kwargs.get("to")
+    raw_notify = kwargs.get("notify")
     if not valid_key(key):
         reason = "idempotency_key: must be text of 1 to 255 characters without NUL"
         reject(ctx, idempotency_key=message_id or "unknown", source="dramatiq", reason=reason,
-               raw_to=raw_to)
+               raw_to=raw_to, raw_notify=raw_notify)
         return None
     if args:
         reason = "positional arguments are not accepted: pass keyword arguments"
-        reject(ctx, idempotency_key=key, source="dramatiq", reason=reason, raw_to=raw_to)
+        reject(ctx, idempotency_key=key, source="dramatiq", reason=reason, raw_to=raw_to,
+               raw_notify=raw_notify)
         return None
     try:
         request = SendRequest.model_validate(kwargs)
     except ValidationError as exc:
         reject(ctx, idempotency_key=key, source="dramatiq", reason=describe_errors(exc),
-               raw_to=raw_to)
+               raw_to=raw_to, raw_notify=raw_notify)
         return None
     try:
         result = accept(ctx, request, idempotency_key=key, source="dramatiq")
@@ -223,6 +247,10 @@ def accept_dramatiq(
         log.warning("message.idempotency_conflict", message_id=exc.message_id)
         return None
     except RateLimited as exc:
-        reject(ctx, idempotency_key=key, source="dramatiq", reason=exc.reason, raw_to=request.to)
+        reject(ctx, idempotency_key=key, source="dramatiq", reason=exc.reason, raw_to=request.to,
+               raw_notify=raw_notify)
+        return None
+    except outbox.NotifyRefused as exc:
+        reject(ctx, idempotency_key=key, source="dramatiq", reason=str(exc), raw_to=request.to)
         return None
     return result.attempt_id
