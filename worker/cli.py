@@ -28,6 +28,7 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from worker import wiring
     from worker.logging import get_logger
+    from worker.usecases.events import EventDispatcher, broker_reply
     from worker.usecases.sweep import sweep
 
     log = get_logger("worker.clock")
@@ -49,12 +50,18 @@ def _sweep(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info("sweep.started", interval_s=interval)
+    # Outcome events go out from a thread of their own (worker.usecases.events).
+    dispatcher = EventDispatcher(root.ctx, broker_reply(root.broker))
+    events_thread = threading.Thread(target=dispatcher.run, args=(stop,), name="events")
+    events_thread.start()
     while not stop.is_set():
         try:
             sweep(root.ctx)
         except Exception as exc:  # database or Redis away: say so, and keep sweeping
             log.warning("sweep.failed", error=type(exc).__name__, detail=str(exc)[:300])
         stop.wait(interval)
+    events_thread.join()
+    dispatcher.close()
     log.info("sweep.stopped")
     return 0
 

@@ -120,5 +120,6 @@ def configure_process_logging(settings: Settings) -> None:
             settings.callback_secret.get_secret_value(),
             settings.code_key.get_secret_value(),
             *(t.get_secret_value() for t in settings.api_tokens),
+            *([settings.webhook_secret.get_secret_value()] if settings.webhook_secret else []),
         ],
     )

@@ -16,6 +16,7 @@ from worker.usecases.callbacks import CallbackData
 from worker.usecases.group_commit import GroupCommit
 from worker.usecases.receive import Received, receive_batch
 from worker.web import api, callbacks, outages
+from worker.web import events as event_feed
 
 
 def create_app(root: wiring.Root | None = None) -> FastAPI:
@@ -72,6 +73,7 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
 
     outages.install(app)
     app.include_router(api.router)
+    app.include_router(event_feed.router)
     app.include_router(api.health)
     app.include_router(callbacks.router)
     return app
