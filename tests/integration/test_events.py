@@ -232,9 +232,11 @@ def test_feed_lists_every_event_in_order(system: System, receiver: Receiver) -> 
 
     # When a pull consumer reads the feed page by page
     listed = wait_for(
-        lambda: (got := read_all())
-        and any(e["type"] == "message.delivered" and e["data"]["id"] == message_id for e in got)
-        and got,
+        lambda: (
+            (got := read_all())
+            and any(e["type"] == "message.delivered" and e["data"]["id"] == message_id for e in got)
+            and got
+        ),
         "the final event in the feed",
     )
     # Then it sees every event once, this message's in the order of its changes

@@ -43,9 +43,7 @@ class Receiver:
 
     def of(self, message_id: str) -> list[Receipt]:
         with self.lock:
-            return [
-                r for r in self.receipts if r.event and r.event["data"]["id"] == message_id
-            ]
+            return [r for r in self.receipts if r.event and r.event["data"]["id"] == message_id]
 
     def delivered(self, message_id: str) -> list[dict[str, Any]]:
         """Events of a message answered 2xx, in arrival order."""
