@@ -12,6 +12,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+#: worker.settings.DEFAULT_PRODUCER, without importing pydantic at CLI start.
+_DEFAULT_PRODUCER = "default"
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -103,7 +106,7 @@ def _send(args: argparse.Namespace) -> int:
 
     ctx = wiring.get().ctx
     while True:
-        found = reads.get(ctx, accepted.id)
+        found = reads.get(ctx, accepted.id, _DEFAULT_PRODUCER)
         if found is not None and found.status in MESSAGE_FINAL:
             print(format_message(found.model_dump(mode="json")))
             return 0 if found.status == "delivered" else 1
@@ -114,6 +117,9 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("id", help="message id, or an idempotency key with --key")
     parser.add_argument("--key", action="store_true", help="look up by idempotency key")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--producer", default=_DEFAULT_PRODUCER, help="the message's producer (API_TOKENS name)"
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -121,7 +127,10 @@ def _status(args: argparse.Namespace) -> int:
     from worker.usecases import reads
 
     ctx = wiring.get().ctx
-    found = reads.find(ctx, args.id) if args.key else reads.get(ctx, args.id)
+    producer = args.producer
+    found = (
+        reads.find(ctx, args.id, producer) if args.key else reads.get(ctx, args.id, producer)
+    )
     if found is None:
         print(f"kodmobi: no message {args.id}", file=sys.stderr)
         return 1

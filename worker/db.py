@@ -28,6 +28,9 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> Eng
         pool_pre_ping=True,
         pool_recycle=1800,
         pool_timeout=30,
+        # A statement's parameters (recipients, ciphertexts) never reach an exception's
+        # text, and so never a log line (issue 13).
+        hide_parameters=True,
         connect_args={"connect_timeout": 5, "application_name": "kodmobi-worker"},
     )
 

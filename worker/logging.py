@@ -42,13 +42,20 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
 _KEYED_CODE = re.compile(
     r"(?i)([\"']?(?:code|x-api-key|api_key|token)[\"']?\s*[:=]\s*[\"']?)[^\"'\s,&}]+"
 )
-_PHONE = re.compile(r"\+?\d{10,15}")
+#: A phone number in any spelling: `+79522966236`, `8 (952) 296-62-03`,
+#: `+7 952 296 62 03`, `7.952.296.62.03`: 10 to 15 digits with at most two separators
+#: (space, dash, dot, brackets) between any two, not inside a longer run of digits.
+_PHONE = re.compile(r"(?:(?<=%2[Bb])|(?<![\w+]))\+?\(?\d(?:[ \t\-.()/]{0,2}\d){9,14}(?![\w])")
 # A recipient in a printed argument list or dict, as a producer wrote it: Dramatiq prints a
 # message's arguments before our intake normalises them (`send_code(to='8 (952) 296-62-36')`).
 _KEYED_RECIPIENT = re.compile(
     r"(?i)(\b(?:to|recipient|phone|email)[\"']?\s*[:=]\s*)([\"'])([^\"'\n]{1,320})\2"
 )
 _EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*(@[A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+
+#: Shorter literals are not scrubbed (they would mangle every line); settings refuse
+#: secrets under 16 characters (worker.settings.MIN_SECRET_LENGTH), so none is missed.
+MIN_SCRUBBED_SECRET = 8
 
 # Literal secrets of this process (API key, tokens, callback secret), registered
 # at start so they are scrubbed even from text we did not foresee.
@@ -57,7 +64,7 @@ _known_secrets: set[str] = set()
 
 def register_secrets(secrets: Iterable[str]) -> None:
     """Scrub these literal strings from every log line from now on."""
-    _known_secrets.update(s for s in secrets if s and len(s) >= 4)
+    _known_secrets.update(s for s in secrets if s and len(s) >= MIN_SCRUBBED_SECRET)
 
 
 def mask_recipient(value: str) -> str:
@@ -95,7 +102,17 @@ def scrub_text(text: str) -> str:
         lambda m: f"{m.group(1)}{m.group(2)}{_mask_written(m.group(3))}{m.group(2)}", text
     )
     text = _EMAIL.sub(lambda m: f"{m.group(1)}***{m.group(2)}", text)
-    return _PHONE.sub(lambda m: mask_recipient(m.group(0)), text)
+    return _PHONE.sub(lambda m: _mask_phone(m.group(0)), text)
+
+
+def _mask_phone(spelled: str) -> str:
+    """A phone found in free text, masked as its digits: `8 (952) 296-62-03` →
+    `8952***6203`, whatever separators it was written with."""
+    digits = "".join(c for c in spelled if c.isdigit())
+    plus = "+" if spelled.startswith("+") else ""
+    # As many digits hidden as DESIGN §9's mask hides of an 11-digit number, or more.
+    head = max(1, min(4, len(digits) - 7))
+    return f"{plus}{digits[:head]}***{digits[-4:]}"
 
 
 def _redact(value: Any, key: str | None = None) -> Any:

@@ -54,7 +54,10 @@ class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         CheckConstraint(_in("status", MESSAGE_STATUSES), name="status"),
-        Index("ix_messages_recipient_created", "recipient", "created_at"),
+        # Limits count by the canonical recipient (issue 13).
+        Index("ix_messages_recipient_key_created", "recipient_key", "created_at"),
+        # Idempotency keys are unique per producer (issue 13).
+        UniqueConstraint("producer", "idempotency_key", name="uq_messages_producer_key"),
         Index(
             "ix_messages_open_expires",
             "expires_at",
@@ -63,11 +66,16 @@ class Message(Base):
     )
 
     id: Mapped[str] = mapped_column(String(26), primary_key=True)
-    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    #: The API_TOKENS producer that sent it; it alone reads, checks and finds it.
+    producer: Mapped[str] = mapped_column(String(64), server_default="default")
+    idempotency_key: Mapped[str] = mapped_column(String(255))
     #: HMAC of the normalised request: the same key with another body is a conflict.
     fingerprint: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(16))
+    #: As given (domain lower-cased): what is sent.
     recipient: Mapped[str] = mapped_column(Text)
+    #: Canonical (emails lower-cased): what limits and lookups compare.
+    recipient_key: Mapped[str] = mapped_column(Text)
     recipient_kind: Mapped[str] = mapped_column(String(8))
     channels: Mapped[list[str]] = mapped_column(ARRAY(String(16)))
     provider_id: Mapped[int | None] = mapped_column(Integer)

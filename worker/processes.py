@@ -32,9 +32,11 @@ import httpx
 
 from worker.embedded import free_port
 
-#: Dramatiq's consumer sleeps up to this many ms when its queue is empty (default 1000):
-#: a code someone waits for should not wait for a poll.
-WORKER_POLL_MS = 10
+#: Dramatiq's idle timeout (ms): an idle consumer waits up to this long for a wake-up
+#: from our producers (worker.broker) before it polls its queue; worker threads wait as
+#: long for work. Dramatiq's default; a short one (10 ms) cost an idle worker process
+#: ~19% of a core.
+WORKER_POLL_MS = 1000
 #: The Procfile's `worker`: processes x threads.
 WORKER_PROCESSES = 2
 WORKER_THREADS = 16

@@ -29,6 +29,11 @@ _EMAIL = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
 MAX_METADATA_BYTES = 4096
+#: Nesting deeper than this is refused before anything walks it recursively (a 1 KB body
+#: of 256 levels made the fingerprint's model_dump raise: issue 13).
+MAX_METADATA_DEPTH = 8
+#: Keys and values (strings, lists, objects) in all of metadata, counted as walked.
+MAX_METADATA_ITEMS = 256
 CODE_PATTERN = re.compile(r"[0-9]{4,6}")
 #: What our ids look like (ULID, Crockford base32); anything else is not found.
 ULID_PATTERN = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
@@ -61,6 +66,34 @@ def normalise_recipient(raw: str) -> tuple[str, str]:
     if not phonenumbers.is_valid_number(number):
         raise PydanticCustomError("phone", "not a valid phone number")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), "phone"
+
+
+def canonical_recipient(recipient: str) -> str:
+    """The recipient as limits and lookups compare it: emails case-insensitively (the
+    address as given is still what is sent), phones by E.164, as normalised already."""
+    return recipient.lower() if "@" in recipient else recipient
+
+
+def check_metadata_shape(value: Any) -> None:
+    """Refuse metadata nested over MAX_METADATA_DEPTH or with over MAX_METADATA_ITEMS
+    items, walking it iteratively (no recursion for an attacker to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise PydanticCustomError(
+                    "metadata", "metadata nested deeper than {depth} levels",
+                    {"depth": MAX_METADATA_DEPTH},
+                )
+            children = list(node.values()) if isinstance(node, dict) else node
+            items += len(children)
+            if items > MAX_METADATA_ITEMS:
+                raise PydanticCustomError(
+                    "metadata", "metadata over {items} items", {"items": MAX_METADATA_ITEMS}
+                )
+            stack.extend((child, depth + 1) for child in children)
 
 
 #: The outcome events a producer can subscribe to (DESIGN §11).
@@ -176,6 +209,13 @@ class SendRequest(BaseModel):
             raise PydanticCustomError("code", "code must be a string of 4 to 6 digits")
         return value
 
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata_shape(cls, value: Any) -> Any:
+        # Before pydantic or json walk it: both recurse.
+        check_metadata_shape(value)
+        return value
+
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -185,7 +225,7 @@ class SendRequest(BaseModel):
             # Stored as jsonb: no NaN/Infinity, no NUL, no lone surrogates.
             dumped = json.dumps(value, allow_nan=False, ensure_ascii=False)
             encoded = dumped.encode("utf-8")
-        except (ValueError, TypeError, UnicodeEncodeError):
+        except (ValueError, TypeError, UnicodeEncodeError, RecursionError):
             raise PydanticCustomError(
                 "metadata", "metadata must be plain JSON (no NaN, Infinity or lone surrogates)"
             ) from None

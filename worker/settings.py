@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import sys
 from functools import lru_cache
 from typing import Annotated, Any, NoReturn
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.rules import PHONE_CHANNELS
@@ -28,6 +39,33 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+#: Our own secrets (API tokens, CALLBACK_SECRET, CODE_KEY) and the kod.mobi key are at
+#: least this long: a short one is guessable, and too short to scrub from logs safely.
+MIN_SECRET_LENGTH = 16
+#: A producer's name in `API_TOKENS` (`name:token`); a bare token belongs to `default`.
+PRODUCER_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEFAULT_PRODUCER = "default"
+
+
+class ProducerToken(BaseModel):
+    """One `API_TOKENS` entry: the producer a bearer token speaks for (issue 13)."""
+
+    producer: str
+    token: SecretStr
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the machine."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class DatabaseSettings(BaseSettings):
     """What `alembic upgrade head` (the release process) needs, and nothing more."""
 
@@ -47,14 +85,21 @@ class Settings(DatabaseSettings):
     """Everything the web, worker and clock processes read from the environment."""
 
     redis_url: str = Field(alias="REDIS_URL", repr=False)
-    kodmobi_api_key: SecretStr = Field(alias="KODMOBI_API_KEY", min_length=1)
+    kodmobi_api_key: SecretStr = Field(alias="KODMOBI_API_KEY", min_length=MIN_SECRET_LENGTH)
+    # Before the URLs, whose validator reads it.
+    #: Hosts besides loopback that KODMOBI_BASE_URL / PUBLIC_BASE_URL may reach over plain
+    #: http (a private compose network); everything else must be https.
+    insecure_http_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), alias="INSECURE_HTTP_HOSTS"
+    )
     kodmobi_base_url: str = Field("https://api.kod.mobi", alias="KODMOBI_BASE_URL")
     public_base_url: str = Field(alias="PUBLIC_BASE_URL")
-    callback_secret: SecretStr = Field(alias="CALLBACK_SECRET", min_length=16)
-    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+    callback_secret: SecretStr = Field(alias="CALLBACK_SECRET", min_length=MIN_SECRET_LENGTH)
+    api_tokens: Annotated[list[ProducerToken], NoDecode] = Field(
         default_factory=list, alias="API_TOKENS"
     )
-    code_key: SecretStr = Field(alias="CODE_KEY", min_length=16)
+    #: Comma-separated: the first key encrypts, every key decrypts (rotation, issue 13).
+    code_key: Annotated[list[SecretStr], NoDecode] = Field(alias="CODE_KEY", min_length=1)
     default_channels: Annotated[tuple[str, ...], NoDecode] = Field(
         PHONE_CHANNELS, alias="DEFAULT_CHANNELS"
     )
@@ -76,6 +121,11 @@ class Settings(DatabaseSettings):
     recipient_window_s: float = Field(600.0, alias="RECIPIENT_WINDOW_S", gt=0)
     channel_cooldown_s: float = Field(60.0, alias="CHANNEL_COOLDOWN_S", ge=0)
     db_pool_size: int = Field(40, alias="DB_POOL_SIZE", ge=1)
+    #: How long after an attempt's deadline its callback URL still works: a "delivered"
+    #: may come late (issue 13). Past it the URL answers 404, like a forged one.
+    callback_grace_s: float = Field(3600.0, alias="CALLBACK_GRACE_S", ge=0, allow_inf_nan=False)
+    #: Serve /docs, /redoc and /openapi.json (off by default: issue 13).
+    api_docs: bool = Field(False, alias="API_DOCS")
 
     # Outcome events (issue 10, DESIGN §11).
     notify_url: str | None = Field(None, alias="NOTIFY_URL")
@@ -93,17 +143,54 @@ class Settings(DatabaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("insecure_http_hosts", mode="before")
+    @classmethod
+    def _hosts_csv(cls, value: Any) -> Any:
+        split = _split_csv(value)
+        return tuple(h.lower() for h in split) if isinstance(split, list) else split
+
     @field_validator("kodmobi_base_url", "public_base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
         if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+            raise ValueError("must start with https://")
+        if value.startswith("http://"):
+            # The API key, codes and callback tokens travel in these requests.
+            host = urlsplit(value).hostname
+            allowed = info.data.get("insecure_http_hosts", ())
+            if not is_loopback_host(host) and (host or "").lower() not in allowed:
+                raise ValueError("must be https:// (plain http only for loopback hosts)")
         return value.rstrip("/")
 
     @field_validator("api_tokens", mode="before")
     @classmethod
     def _tokens(cls, value: Any) -> Any:
-        return _split_csv(value)
+        entries = _split_csv(value)
+        if not isinstance(entries, list):
+            return entries
+        parsed = []
+        for entry in entries:
+            if not isinstance(entry, str):
+                parsed.append(entry)
+                continue
+            name, sep, token = entry.partition(":")
+            if not sep or not PRODUCER_PATTERN.fullmatch(name):
+                name, token = DEFAULT_PRODUCER, entry
+            # Never echo the entry: it is a secret.
+            if len(token) < MIN_SECRET_LENGTH:
+                raise ValueError(f"each token must be at least {MIN_SECRET_LENGTH} characters")
+            parsed.append({"producer": name, "token": token})
+        if len({p["token"] if isinstance(p, dict) else p for p in parsed}) != len(parsed):
+            raise ValueError("a token is listed twice")
+        return parsed
+
+    @field_validator("code_key", mode="before")
+    @classmethod
+    def _code_keys(cls, value: Any) -> Any:
+        keys = _split_csv(value)
+        if isinstance(keys, list) and any(len(k) < MIN_SECRET_LENGTH for k in keys):
+            raise ValueError(f"each key must be at least {MIN_SECRET_LENGTH} characters")
+        return keys
 
     @field_validator("notify_url")
     @classmethod
@@ -126,7 +213,7 @@ class Settings(DatabaseSettings):
 
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod
-    def _hosts_csv(cls, value: Any) -> Any:
+    def _webhook_hosts_csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
     @model_validator(mode="after")

@@ -62,7 +62,7 @@ def build(settings: Settings) -> Root:
         settings=settings,
         engine=engine,
         sessions=make_session_factory(engine),
-        codebox=CodeBox(settings.code_key.get_secret_value()),
+        codebox=CodeBox([k.get_secret_value() for k in settings.code_key]),
         kodmobi=KodMobiClient(
             settings.kodmobi_base_url,
             settings.kodmobi_api_key.get_secret_value(),
@@ -118,8 +118,8 @@ def configure_process_logging(settings: Settings) -> None:
         secrets=[
             settings.kodmobi_api_key.get_secret_value(),
             settings.callback_secret.get_secret_value(),
-            settings.code_key.get_secret_value(),
-            *(t.get_secret_value() for t in settings.api_tokens),
+            *(k.get_secret_value() for k in settings.code_key),
+            *(t.token.get_secret_value() for t in settings.api_tokens),
             *([settings.webhook_secret.get_secret_value()] if settings.webhook_secret else []),
         ],
     )

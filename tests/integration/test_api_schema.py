@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.support.system import API_TOKEN, System, unique_phone
+from tests.support.system import API_TOKEN, System, running_system, unique_phone
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 MAX_EXAMPLES = 40
@@ -55,6 +55,15 @@ NEGATABLE = [
     ("GET", "/v1/messages"),
     ("POST", "/v1/messages/{message_id}/check"),
 ]
+
+
+@pytest.fixture(scope="module")
+def system(pg_server_url: str, redis_url: str, template_db: str) -> Iterator[System]:
+    """This module's system serves its schema (API_DOCS is off by default: issue 13)."""
+    with running_system(
+        pg_server_url, redis_url, template=template_db, extra_env={"API_DOCS": "true"}
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from ulid import ULID
 
 from tests.support.callbacks import Awaiting, awaiting_callback
 from tests.support.db import connect
-from tests.support.system import CALLBACK_SECRET, System, magic_phone, unique_phone
+from tests.support.system import System, callback_token_for, magic_phone, unique_phone
 from tests.support.waiting import wait_for
 from worker.security import callback_token
 
@@ -51,7 +51,7 @@ class Waiting(Awaiting):
 
 
 def callback_url(system: System, attempt_id: str, token: str | None = None) -> str:
-    token = callback_token(CALLBACK_SECRET, attempt_id) if token is None else token
+    token = callback_token_for(attempt_id) if token is None else token
     return f"{system.web_url}/callbacks/kodmobi/{attempt_id}/{token}"
 
 
@@ -204,9 +204,9 @@ def test_a_forged_token_or_unknown_attempt_is_404_and_changes_nothing(
 ) -> None:
     other = awaiting_callback(system, Waiting)
     unknown = str(ULID())
-    token = callback_token(CALLBACK_SECRET, waiting.attempt_id)
-    wrong_secret = callback_token("another-secret-0123456789", waiting.attempt_id)
-    others_token = callback_token(CALLBACK_SECRET, other.attempt_id)
+    token = callback_token_for(waiting.attempt_id)
+    wrong_secret = callback_token("another-secret-0123456789", waiting.attempt_id, 2**40)
+    others_token = callback_token_for(other.attempt_id)
     forged = [
         callback_url(system, waiting.attempt_id, token="A" * len(token)),
         callback_url(system, waiting.attempt_id, token=token[:-1]),

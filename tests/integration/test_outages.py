@@ -115,7 +115,7 @@ def _db(system: System) -> psycopg.Connection[dict[str, Any]]:
 def _callback_url(system: System, attempt_id: str) -> str:
     return (
         f"{system.web_url}/callbacks/kodmobi/{attempt_id}/"
-        f"{callback_token(CALLBACK_SECRET, attempt_id)}"
+        f"{callback_token(CALLBACK_SECRET, attempt_id, int(time.time()) + 3600)}"
     )
 
 

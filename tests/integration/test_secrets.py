@@ -34,11 +34,12 @@ from tests.support.system import (
     CALLBACK_SECRET,
     CODE_KEY,
     System,
+    callback_token_for,
     magic_phone,
     unique_phone,
 )
 from worker import logging as worker_logging
-from worker.security import CodeBox, callback_token
+from worker.security import CodeBox
 from worker.settings import Settings
 from worker.wiring import configure_process_logging
 
@@ -148,12 +149,12 @@ def run_scenarios(system: System, web: httpx.Client) -> dict[str, Any]:
     delivered = system.wait_final(with_code)
     attempt_id = delivered["attempts"][0]["id"]
     forged = httpx.post(
-        f"{system.web_url}/callbacks/kodmobi/{attempt_id}/{callback_token(CALLBACK_SECRET, 'x')}",
+        f"{system.web_url}/callbacks/kodmobi/{attempt_id}/{callback_token_for('x')}",
         json={"status": "delivered", "code": explicit},
         timeout=10,
     )
     assert forged.status_code == 404
-    token = callback_token(CALLBACK_SECRET, attempt_id)
+    token = callback_token_for(attempt_id)
     genuine = httpx.get(
         f"{system.web_url}/callbacks/kodmobi/{attempt_id}/{token}",
         params={"status": "delivered", "code": explicit},
@@ -220,7 +221,7 @@ def test_no_code_key_token_or_secret_reaches_the_logs(
         "CODE_KEY": CODE_KEY,
     }
     named.update(
-        {f"callback token of {a}": callback_token(CALLBACK_SECRET, a) for a in attempt_ids}
+        {f"callback token of {a}": callback_token_for(a) for a in attempt_ids}
     )
     leaked = sorted(name for name, secret in named.items() if secret in text)
     assert not leaked, f"in the logs: {leaked}"

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tests.support.db import connect
-from tests.support.system import CALLBACK_SECRET, System, magic_phone
+from tests.support.system import System, callback_token_for, magic_phone
 from tests.support.waiting import wait_for
-from worker.security import callback_token
 
 
 @dataclass
@@ -23,7 +22,7 @@ class Awaiting:
 
     @property
     def token(self) -> str:
-        return callback_token(CALLBACK_SECRET, self.attempt_id)
+        return callback_token_for(self.attempt_id)
 
     def message(self) -> dict[str, Any]:
         return self.system.message(self.message_id)

@@ -244,3 +244,11 @@ def running_system(
             api=api,
             sandbox=sandbox,
         )
+
+
+def callback_token_for(attempt_id: str, valid_s: float = 3600.0) -> str:
+    """A callback token of this system for `attempt_id`, valid for `valid_s` more seconds
+    (negative: expired that long ago)."""
+    from worker.security import callback_token
+
+    return callback_token(CALLBACK_SECRET, attempt_id, int(time.time() + valid_s))

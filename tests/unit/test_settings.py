@@ -100,6 +100,7 @@ def test_api_tokens_default_to_none_accepted(environment: pytest.MonkeyPatch) ->
 
 def test_every_variable_is_read_from_the_environment(environment: pytest.MonkeyPatch) -> None:
     # Given every DESIGN §2 variable set to a non-default value
+    environment.setenv("INSECURE_HTTP_HOSTS", "sandbox")
     environment.setenv("KODMOBI_BASE_URL", "http://sandbox:8080/")
     environment.setenv("PUBLIC_BASE_URL", "https://worker.example.com/")
     environment.setenv("DEFAULT_CHANNELS", "sms, telegram")
@@ -120,7 +121,7 @@ def test_every_variable_is_read_from_the_environment(environment: pytest.MonkeyP
     assert settings.kodmobi_base_url == "http://sandbox:8080"
     assert settings.public_base_url == "https://worker.example.com"
     assert settings.callback_secret.get_secret_value() == CALLBACK_SECRET
-    assert settings.code_key.get_secret_value() == CODE_KEY
+    assert [k.get_secret_value() for k in settings.code_key] == [CODE_KEY]
     assert settings.default_channels == ("sms", "telegram")
     assert settings.delivery_timeout_s == 12.5
     assert settings.code_ttl_s == 120
@@ -131,8 +132,11 @@ def test_every_variable_is_read_from_the_environment(environment: pytest.MonkeyP
 @pytest.mark.parametrize(
     ("raw", "tokens"),
     [
-        ("only-one-token", ["only-one-token"]),
-        ("a-token, b-token ,,c-token,", ["a-token", "b-token", "c-token"]),
+        ("only-one-token-0123", ["only-one-token-0123"]),
+        (
+            "a-token-0123456789, b-token-0123456789 ,,c-token-0123456789,",
+            ["a-token-0123456789", "b-token-0123456789", "c-token-0123456789"],
+        ),
         ("", []),
     ],
 )
@@ -146,7 +150,8 @@ def test_api_tokens_are_comma_separated(
     settings = get_settings()
 
     # Then each token is accepted on its own
-    assert [t.get_secret_value() for t in settings.api_tokens] == tokens
+    assert [t.token.get_secret_value() for t in settings.api_tokens] == tokens
+    assert {t.producer for t in settings.api_tokens} <= {"default"}
 
 
 @pytest.mark.parametrize("scheme", ["postgres://", "postgresql://", "postgresql+psycopg://"])

@@ -16,6 +16,14 @@ from worker.usecases.context import Context, bind, utcnow
 from worker.usecases.store import AttemptRow, Changes, MessageRow, lock_pairs
 from worker.usecases.transitions import fallback, finish_attempt, finish_message, mark_accepted
 
+#: Stored events per attempt: kod.mobi sends a handful; past this, events are applied
+#: but not stored, so a leaked URL cannot fill the table (issue 13).
+MAX_EVENTS_PER_ATTEMPT = 32
+#: Raw body kept of a callback whose status word we do not know: enough to learn the
+#: word, not 64 KiB a time (issue 13).
+UNKNOWN_BODY_CHARS = 1024
+
+
 
 @dataclass
 class CallbackData:
@@ -27,12 +35,16 @@ class CallbackData:
     kodmobi_message_id: int | None
 
 
-_STORE_EVENT = """
+# The event, unless the attempt has MAX_EVENTS_PER_ATTEMPT already (then no row comes
+# back: the callback is still applied, just not stored); a repeat counts on its row.
+_STORE_EVENT = f"""
 INSERT INTO callback_events (attempt_id, received_at, method, content_type, raw_body,
     headers, status_word, parsed_status, kodmobi_message_id, applied, outcome, duplicates)
-VALUES (%(ev_attempt_id)s, %(ev_received_at)s, %(ev_method)s, %(ev_content_type)s,
+SELECT %(ev_attempt_id)s, %(ev_received_at)s, %(ev_method)s, %(ev_content_type)s,
     %(ev_raw_body)s, %(ev_headers)s, %(ev_status_word)s, %(ev_parsed_status)s,
-    %(ev_kodmobi_message_id)s, %(ev_applied)s, %(ev_outcome)s, 0)
+    %(ev_kodmobi_message_id)s, %(ev_applied)s, %(ev_outcome)s, 0
+WHERE (SELECT count(*) FROM callback_events WHERE attempt_id = %(ev_attempt_id)s::varchar)
+      < {MAX_EVENTS_PER_ATTEMPT}
 ON CONFLICT ON CONSTRAINT uq_callback_events_attempt_status
 DO UPDATE SET duplicates = callback_events.duplicates + 1
 RETURNING duplicates
@@ -102,7 +114,11 @@ def _store(
         ev_received_at=now,
         ev_method=data.method,
         ev_content_type=data.content_type,
-        ev_raw_body=data.raw_body,
+        ev_raw_body=(
+            data.raw_body[:UNKNOWN_BODY_CHARS]
+            if parsed is CallbackStatus.UNKNOWN
+            else data.raw_body
+        ),
         ev_headers=Jsonb(data.headers),
         ev_status_word=data.status_word[:64],
         ev_parsed_status=parsed.value,
@@ -110,8 +126,12 @@ def _store(
         ev_applied=applied,
         ev_outcome=outcome.value,
     )
-    repeats = conn.exec_driver_sql(sql, params).scalar_one()
-    if repeats > 0:
+    repeats = conn.exec_driver_sql(sql, params).scalar()
+    if repeats is None:
+        bind(message, attempt).warning(
+            "callback.not_stored", reason="event cap", outcome=outcome.value
+        )
+    elif repeats > 0:
         return parsed, CallbackOutcome.DUPLICATE, False, follow_up
     return parsed, outcome, applied, follow_up
 

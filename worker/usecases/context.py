@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -55,8 +56,15 @@ class Context:
         with self.engine.begin() as connection:
             yield connection
 
-    def callback_url(self, attempt_id: str) -> str:
-        token = callback_token(self.settings.callback_secret.get_secret_value(), attempt_id)
+    def callback_url(self, attempt_id: str, deadline: datetime | None = None) -> str:
+        """The attempt's callback URL, dead CALLBACK_GRACE_S after its deadline."""
+        settings = self.settings
+        if deadline is None:
+            deadline = utcnow() + timedelta(
+                seconds=settings.kodmobi_read_timeout_s + settings.delivery_timeout_s
+            )
+        expires_at = math.ceil(deadline.timestamp() + settings.callback_grace_s)
+        token = callback_token(settings.callback_secret.get_secret_value(), attempt_id, expires_at)
         return f"{self.settings.public_base_url}/callbacks/kodmobi/{attempt_id}/{token}"
 
     def hand_off(self, attempt_id: str) -> None:

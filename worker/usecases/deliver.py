@@ -148,7 +148,7 @@ def _deliver_one(ctx: Context, attempt_id: str) -> str | None:
             claimed.channel,
             code=claimed.code,
             provider_id=claimed.provider_id,
-            callback_url=ctx.callback_url(attempt_id),
+            callback_url=ctx.callback_url(attempt_id, deadline),
         )
     except KodMobiError as exc:
         failure = exc

@@ -4,40 +4,50 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from worker import rules
+from worker.logging import get_logger
 from worker.models import Message
 from worker.schemas import AttemptView, CheckResult, MessageView
 from worker.security import codes_equal
 from worker.usecases.context import Context, utcnow
 
+log = get_logger("worker.reads")
+
 MAX_CHECKS = 5
 
 
-def get(ctx: Context, message_id: str) -> MessageView | None:
-    return _view_where(ctx, Message.id == message_id)
+def get(ctx: Context, message_id: str, producer: str) -> MessageView | None:
+    """`producer`'s message; another producer's is None, as if absent (issue 13)."""
+    return _view_where(ctx, Message.id == message_id, Message.producer == producer)
 
 
-def find(ctx: Context, idempotency_key: str) -> MessageView | None:
-    return _view_where(ctx, Message.idempotency_key == idempotency_key)
+def find(ctx: Context, idempotency_key: str, producer: str) -> MessageView | None:
+    return _view_where(
+        ctx, Message.idempotency_key == idempotency_key, Message.producer == producer
+    )
 
 
-def _view_where(ctx: Context, condition: Any) -> MessageView | None:
+def _view_where(ctx: Context, *conditions: Any) -> MessageView | None:
     with ctx.tx() as s:
         message = s.scalars(
-            select(Message).where(condition).options(selectinload(Message.attempts))
+            select(Message).where(*conditions).options(selectinload(Message.attempts))
         ).one_or_none()
         return None if message is None else view(message)
 
 
-def check_code(ctx: Context, message_id: str, code: str) -> CheckResult | None:
-    """Constant-time compare; at most MAX_CHECKS per message; never valid once expired."""
+def check_code(ctx: Context, message_id: str, code: str, producer: str) -> CheckResult | None:
+    """Constant-time compare; at most MAX_CHECKS per message; never valid once expired.
+    None for an unknown message or another producer's."""
     now = utcnow()
     with ctx.tx() as s:
         message = s.scalars(
-            select(Message).where(Message.id == message_id).with_for_update()
+            select(Message)
+            .where(Message.id == message_id, Message.producer == producer)
+            .with_for_update()
         ).one_or_none()
         if message is None:
             return None
@@ -50,7 +60,12 @@ def check_code(ctx: Context, message_id: str, code: str) -> CheckResult | None:
             return CheckResult(valid=False, reason="expired")
         if message.verified_at is not None:
             return CheckResult(valid=False, reason="already_used")
-        expected = ctx.codebox.open(message.code_ciphertext, message.id)
+        try:
+            expected = ctx.codebox.open(message.code_ciphertext, message.id)
+        except InvalidTag:
+            # Sealed under a key no longer in CODE_KEY: an operator error, not a 500.
+            log.error("message.code_undecryptable", message_id=message.id)
+            return CheckResult(valid=False, reason="undecryptable")
         if not codes_equal(expected, code):
             return CheckResult(valid=False, reason="mismatch")
         message.verified_at = now

@@ -29,6 +29,8 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], tags=["m
 health = APIRouter(tags=["health"])
 
 ContextDep = Annotated[Context, Depends(get_context)]
+#: The producer the bearer token speaks for: it sees its own messages only (issue 13).
+ProducerDep = Annotated[str, Depends(require_token)]
 _ERR: dict[str, Any] = {"content": {"application/json": {}}}
 
 
@@ -47,13 +49,16 @@ def create_message(
     body: SendRequest,
     response: Response,
     ctx: ContextDep,
+    producer: ProducerDep,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", pattern=KEY_PATTERN)
     ] = None,
 ) -> AcceptedView:
     """Accept a code to send; the first attempt is handed to a worker at once."""
     try:
-        result = intake.accept(ctx, body, idempotency_key=idempotency_key, source="http")
+        result = intake.accept(
+            ctx, body, idempotency_key=idempotency_key, source="http", producer=producer
+        )
     except IdempotencyConflict as exc:
         raise HTTPException(409, detail=str(exc)) from None
     except NotifyRefused as exc:
@@ -77,9 +82,9 @@ def create_message(
     response_model=MessageView,
     responses={404: {"description": "no such message", **_ERR}},
 )
-def get_message(message_id: str, ctx: ContextDep) -> MessageView:
+def get_message(message_id: str, ctx: ContextDep, producer: ProducerDep) -> MessageView:
     """A message's status with every attempt."""
-    found = reads.get(ctx, message_id) if is_ulid(message_id) else None
+    found = reads.get(ctx, message_id, producer) if is_ulid(message_id) else None
     if found is None:
         raise HTTPException(404, detail="message not found")
     return found
@@ -92,10 +97,11 @@ def get_message(message_id: str, ctx: ContextDep) -> MessageView:
 )
 def find_message(
     ctx: ContextDep,
+    producer: ProducerDep,
     idempotency_key: Annotated[str, Query(pattern=KEY_PATTERN)],
 ) -> MessageView:
     """The message recorded under an idempotency key (for Dramatiq producers, the message id)."""
-    found = reads.find(ctx, idempotency_key)
+    found = reads.find(ctx, idempotency_key, producer)
     if found is None:
         raise HTTPException(404, detail="message not found")
     return found
@@ -106,9 +112,13 @@ def find_message(
     response_model=CheckResult,
     responses={404: {"description": "no such message", **_ERR}},
 )
-def check_code(message_id: str, body: CheckRequest, ctx: ContextDep) -> CheckResult:
+def check_code(
+    message_id: str, body: CheckRequest, ctx: ContextDep, producer: ProducerDep
+) -> CheckResult:
     """Is this the code we sent? At most 5 checks per message; never once expired."""
-    result = reads.check_code(ctx, message_id, body.code) if is_ulid(message_id) else None
+    result = (
+        reads.check_code(ctx, message_id, body.code, producer) if is_ulid(message_id) else None
+    )
     if result is None:
         raise HTTPException(404, detail="message not found")
     return result

@@ -17,6 +17,7 @@ from worker.usecases.group_commit import GroupCommit
 from worker.usecases.receive import Received, receive_batch
 from worker.web import api, callbacks, outages
 from worker.web import events as event_feed
+from worker.web.limits import BodyLimit
 
 
 def create_app(root: wiring.Root | None = None) -> FastAPI:
@@ -37,15 +38,22 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
         yield
         callback_writer.close()
 
+    docs = root.settings.api_docs
     app = FastAPI(
         title="kodmobi-worker",
         version="0.1.0",
         description="Send one-time codes through kod.mobi, with channel fallback.",
         lifespan=lifespan,
+        # Off unless API_DOCS=true: no map of the API for whoever can reach the port.
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.root = root
     app.state.callbacks = callback_writer
-    app.state.api_tokens = [t.get_secret_value().encode() for t in root.settings.api_tokens]
+    app.state.api_tokens = [
+        (t.token.get_secret_value().encode(), t.producer) for t in root.settings.api_tokens
+    ]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -76,4 +84,6 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
     app.include_router(event_feed.router)
     app.include_router(api.health)
     app.include_router(callbacks.router)
+    # Outermost: bodies are bounded before authentication and parsing (issue 13).
+    app.add_middleware(BodyLimit)
     return app

@@ -74,6 +74,9 @@ async def _fields(request: Request, body: bytes) -> dict[str, Any]:
         return fields
     try:
         parsed = json.loads(text)
+    except RecursionError:
+        # 5,000 nested `[` exhaust the parser's recursion: unreadable, not a 500.
+        raise Unreadable("JSON nested too deeply") from None
     except ValueError:
         if content_type.endswith("json"):
             raise Unreadable("malformed JSON") from None

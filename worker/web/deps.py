@@ -27,17 +27,20 @@ def get_context(request: Request) -> Context:
 def require_token(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-) -> None:
-    """401 unless the bearer token is one of API_TOKENS (compared in constant time)."""
-    tokens: list[bytes] = request.app.state.api_tokens
+) -> str:
+    """The producer whose API_TOKENS entry the bearer token is (compared in constant
+    time); 401 when none."""
+    tokens: list[tuple[bytes, str]] = request.app.state.api_tokens
     given = credentials.credentials.encode() if credentials else b""
     # Compare against every token, so the time taken says nothing about which matched.
-    ok = False
-    for token in tokens:
-        ok |= hmac.compare_digest(token, given)
-    if not given or not ok:
+    producer: str | None = None
+    for token, name in tokens:
+        if hmac.compare_digest(token, given):
+            producer = name
+    if not given or producer is None:
         raise HTTPException(
             status_code=401,
             detail="missing or invalid bearer token",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    return producer
