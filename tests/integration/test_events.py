@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,13 +14,21 @@ import pytest
 
 import worker
 from tests.support.receiver import WEBHOOK_SECRET, Receiver, webhook_receiver
-from tests.support.system import System, magic_phone, running_system, unique_phone
+from tests.support.system import (
+    API_TOKEN,
+    System,
+    magic_phone,
+    running_system,
+    unique_phone,
+)
 from tests.support.waiting import wait_for
 from worker.broker import build_broker
 
 #: Short, so that a dead delivery is seen within a test.
 HORIZON_S = 3.0
 REPLY_QUEUE = "producer-replies"
+#: Another producer's token (issue 13): it sees none of the default producer's events.
+OTHER_TOKEN = "token-of-producer-b-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +45,7 @@ def system(
         "WEBHOOK_SECRET": WEBHOOK_SECRET,
         "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         "WEBHOOK_RETRY_HORIZON_S": str(HORIZON_S),
+        "API_TOKENS": f"{API_TOKEN},producer-b:{OTHER_TOKEN}",
     }
     with running_system(pg_server_url, redis_url, template=template_db, extra_env=env) as s:
         yield s
@@ -254,3 +262,9 @@ def test_feed_lists_every_event_in_order(system: System, receiver: Receiver) -> 
     assert system.api.get(f"/v1/events/{unknown}").status_code == 404
     no_token = system.api.get("/v1/events", headers={"Authorization": "Bearer nope"})
     assert no_token.status_code == 401
+    # And another producer sees none of it
+    other = {"Authorization": f"Bearer {OTHER_TOKEN}"}
+    assert system.api.get("/v1/events", headers=other).json()["events"] == []
+    assert system.api.get(f"/v1/events/{listed[0]['id']}", headers=other).status_code == 404
+    redeliver = system.api.post(f"/v1/events/{listed[0]['id']}/redeliver", headers=other)
+    assert redeliver.status_code == 404

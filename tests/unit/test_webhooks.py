@@ -17,7 +17,7 @@ from worker.webhooks import HostPolicy, HostRefused, check_url, secret_key, sign
 _ENV = {
     "DATABASE_URL": "postgresql://db.internal/k",
     "REDIS_URL": "redis://redis.internal:6379/0",
-    "KODMOBI_API_KEY": "k",
+    "KODMOBI_API_KEY": "k" * 16,
     "PUBLIC_BASE_URL": "https://worker.example.com",
     "CALLBACK_SECRET": "c" * 16,
     "CODE_KEY": "k" * 16,

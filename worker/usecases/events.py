@@ -298,13 +298,15 @@ class EventDispatcher:
 
 @dataclass(frozen=True)
 class Scope:
-    """Which events a caller may see. Every feed query filters through `_visible`: the
-    one place a per-producer filter goes once tokens name their producer."""
+    """Which events a caller may see: its producer's (issue 13). Every feed query
+    filters through `_visible`, the one place that says so."""
+
+    producer: str
 
 
-def _visible(scope: Scope) -> str:
-    """A condition on `e` (events) and `m` (its message) for `scope`."""
-    return "TRUE"
+def _visible(scope: Scope) -> tuple[str, dict[str, Any]]:
+    """A condition on `m` (the event's message) for `scope`, and its parameters."""
+    return "m.producer = %(scope_producer)s", {"scope_producer": scope.producer}
 
 
 _COLUMNS = "e.id, e.type, e.created_at, e.data, e.detail"
@@ -320,17 +322,21 @@ def page(ctx: Context, scope: Scope, *, after: str | None, limit: int) -> EventP
     with ctx.conn() as conn:
         cursor = 0
         if after is not None:
+            visible, params = _visible(scope)
             found = conn.exec_driver_sql(
-                "SELECT feed_seq FROM events WHERE id = %(id)s", {"id": after}
+                "SELECT e.feed_seq FROM events e JOIN messages m ON m.id = e.message_id "
+                f"WHERE e.id = %(id)s AND {visible}",
+                {"id": after, **params},
             ).first()
             if found is None or found[0] is None:
                 raise UnknownCursor(after)
             cursor = found[0]
+        visible, params = _visible(scope)
         rows = conn.exec_driver_sql(
             f"SELECT {_COLUMNS} FROM events e JOIN messages m ON m.id = e.message_id "
-            f"WHERE e.feed_seq > %(cursor)s AND {_visible(scope)} "
+            f"WHERE e.feed_seq > %(cursor)s AND {visible} "
             "ORDER BY e.feed_seq LIMIT %(limit)s",
-            {"cursor": cursor, "limit": limit},
+            {"cursor": cursor, "limit": limit, **params},
         ).all()
     events = [render(*r) for r in rows]
     return EventPage(events=events, next_after=events[-1].id if events else after)
@@ -350,11 +356,12 @@ SELECT t.delivery_id, t.at, t.http_status, t.error, t.duration_ms
 
 def detail(ctx: Context, scope: Scope, event_id: str) -> EventDetailView | None:
     """One event with each delivery and every try of it."""
+    visible, params = _visible(scope)
     with ctx.conn() as conn:
         row = conn.exec_driver_sql(
             f"SELECT {_COLUMNS} FROM events e JOIN messages m ON m.id = e.message_id "
-            f"WHERE e.id = %(id)s AND {_visible(scope)}",
-            {"id": event_id},
+            f"WHERE e.id = %(id)s AND {visible}",
+            {"id": event_id, **params},
         ).first()
         if row is None:
             return None
@@ -391,11 +398,12 @@ def redeliver(ctx: Context, scope: Scope, event_id: str) -> int | None:
     there is no such event."""
     now = utcnow()
     until = now + timedelta(seconds=ctx.settings.webhook_retry_horizon_s)
+    visible, params = _visible(scope)
     with ctx.conn() as conn:
         found = conn.exec_driver_sql(
             f"SELECT e.id FROM events e JOIN messages m ON m.id = e.message_id "
-            f"WHERE e.id = %(id)s AND {_visible(scope)}",
-            {"id": event_id},
+            f"WHERE e.id = %(id)s AND {visible}",
+            {"id": event_id, **params},
         ).first()
         if found is None:
             return None

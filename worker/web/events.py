@@ -17,9 +17,9 @@ ContextDep = Annotated[Context, Depends(get_context)]
 _ERR: dict[str, Any] = {"content": {"application/json": {}}}
 
 
-def get_scope() -> events.Scope:
-    """The caller's view of the feed (every event, until tokens name their producer)."""
-    return events.Scope()
+def get_scope(producer: Annotated[str, Depends(require_token)]) -> events.Scope:
+    """The caller's view of the feed: its producer's events (issue 13)."""
+    return events.Scope(producer=producer)
 
 
 ScopeDep = Annotated[events.Scope, Depends(get_scope)]
