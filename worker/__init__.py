@@ -32,10 +32,12 @@ def send_code(
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
     producer: str = "default",
+    notify: dict[str, Any] | None = None,
 ) -> AcceptedView:
     """Record a code to send and hand it to a worker; returns at once. The message
     belongs to `producer` (an API_TOKENS name; a bare token's is `default`).
 
+    `notify` = {"url", "queue_name", "actor_name", "events"}: who hears of its outcome.
     Raises InvalidRequest, IdempotencyConflict (same key, other request) or RateLimited."""
     from pydantic import ValidationError
 
@@ -43,6 +45,7 @@ def send_code(
     from worker.schemas import SendRequest, describe_errors, valid_key
     from worker.settings import PRODUCER_PATTERN
     from worker.usecases import intake
+    from worker.usecases.outbox import NotifyRefused
 
     if idempotency_key is not None and not valid_key(idempotency_key):
         raise InvalidRequest("idempotency_key: must be text of 1 to 255 characters without NUL")
@@ -56,6 +59,7 @@ def send_code(
         "provider_id": provider_id,
         "ttl_s": ttl_s,
         "metadata": metadata,
+        "notify": notify,
     }
     try:
         request = SendRequest.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -64,9 +68,12 @@ def send_code(
     except (ValueError, TypeError, RecursionError) as exc:
         raise InvalidRequest(f"unreadable request: {type(exc).__name__}") from None
     ctx = wiring.get().ctx
-    result = intake.accept(
-        ctx, request, idempotency_key=idempotency_key, source="python", producer=producer
-    )
+    try:
+        result = intake.accept(
+            ctx, request, idempotency_key=idempotency_key, source="python", producer=producer
+        )
+    except NotifyRefused as exc:
+        raise InvalidRequest(str(exc)) from None
     if result.created and result.attempt_id is not None:
         ctx.hand_off(result.attempt_id)
     return result.accepted

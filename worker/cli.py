@@ -32,6 +32,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from worker import wiring
     from worker.logging import get_logger
     from worker.usecases import retention
+    from worker.usecases.events import EventDispatcher, broker_reply
     from worker.usecases.sweep import sweep
 
     log = get_logger("worker.clock")
@@ -58,6 +59,10 @@ def _sweep(args: argparse.Namespace) -> int:
         metrics.serve(root.settings.metrics_port)
     log.info("sweep.started", interval_s=interval, metrics_port=root.settings.metrics_port)
     next_purge = 0.0
+    # Outcome events go out from a thread of their own (worker.usecases.events).
+    dispatcher = EventDispatcher(root.ctx, broker_reply(root.broker))
+    events_thread = threading.Thread(target=dispatcher.run, args=(stop,), name="events")
+    events_thread.start()
     while not stop.is_set():
         try:
             sweep(root.ctx)
@@ -71,6 +76,8 @@ def _sweep(args: argparse.Namespace) -> int:
         except Exception as exc:  # database or Redis away: say so, and keep sweeping
             log.warning("sweep.failed", error=type(exc).__name__, detail=str(exc)[:300])
         stop.wait(interval)
+    events_thread.join()
+    dispatcher.close()
     log.info("sweep.stopped")
     return 0
 

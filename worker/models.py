@@ -11,10 +11,12 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
     MetaData,
+    Sequence,
     String,
     Text,
     UniqueConstraint,
@@ -104,6 +106,8 @@ class Message(Base):
     )
     expires_at: Mapped[datetime] = mapped_column(Timestamp)
     delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: Who hears of this message's events (issue 10): url, queue_name, actor_name, events.
+    notify: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
     attempts: Mapped[list[Attempt]] = relationship(
         back_populates="message", order_by="Attempt.seq", lazy="select"
@@ -189,3 +193,87 @@ class CallbackEvent(Base):
     #: Why it was or was not applied.
     outcome: Mapped[str] = mapped_column(Text)
     duplicates: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+# -- Outcome events (issue 10, DESIGN §11) ------------------------------------------------
+
+#: Feed order: given to events after they commit, by the one sequencer (worker.usecases.events).
+events_feed_seq = Sequence("events_feed_seq", metadata=Base.metadata)
+
+
+class Event(Base):
+    """A message's status change or fallback, written in the transaction of the change
+    (the outbox). `data` is the message's view at that moment, as the API shows it."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_message_position", "message_id", "position"),
+        Index("ix_events_unsequenced", "position", postgresql_where=text("feed_seq IS NULL")),
+    )
+
+    id: Mapped[str] = mapped_column(String(26), primary_key=True)
+    #: Insert order; per message it is the order of the changes (the row lock orders them).
+    position: Mapped[int] = mapped_column(BigInteger, Identity(always=False), unique=True)
+    #: Commit order, for the feed; NULL until the sequencer has seen the event.
+    feed_seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    data: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    #: For `message.fallback`: from_channel, to_channel, reason.
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class EventDelivery(Base):
+    """One event on its way to one subscriber: a webhook URL or a Dramatiq queue."""
+
+    __tablename__ = "event_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "target", name="uq_event_deliveries_event_target"),
+        CheckConstraint("target IN ('webhook', 'dramatiq')", name="target"),
+        CheckConstraint("state IN ('pending', 'delivered', 'dead')", name="state"),
+        Index("ix_event_deliveries_due", "next_try_at", postgresql_where=text("state = 'pending'")),
+        Index(
+            "ix_event_deliveries_pending_order",
+            "message_id",
+            "target",
+            "position",
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"))
+    message_id: Mapped[str] = mapped_column(String(26))
+    #: The event's position: a later one waits until this one is delivered or dead.
+    position: Mapped[int] = mapped_column(BigInteger)
+    target: Mapped[str] = mapped_column(String(8))
+    url: Mapped[str | None] = mapped_column(Text)
+    queue_name: Mapped[str | None] = mapped_column(Text)
+    actor_name: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(12))
+    tries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Due time; while a try is under way, the end of its lease.
+    next_try_at: Mapped[datetime] = mapped_column(Timestamp)
+    #: Past this a failed try makes the delivery `dead` (WEBHOOK_RETRY_HORIZON_S).
+    retry_until: Mapped[datetime] = mapped_column(Timestamp)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class DeliveryTry(Base):
+    """One try of a delivery: when, and the HTTP status or the error."""
+
+    __tablename__ = "delivery_tries"
+    __table_args__ = (Index("ix_delivery_tries_delivery", "delivery_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("event_deliveries.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = mapped_column(Timestamp)
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer)

@@ -15,6 +15,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -95,6 +96,69 @@ def check_metadata_shape(value: Any) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
+#: The outcome events a producer can subscribe to (DESIGN §11).
+EventType = Literal[
+    "message.sending",
+    "message.sent",
+    "message.delivered",
+    "message.failed",
+    "message.expired",
+    "message.rejected",
+    "message.fallback",
+]
+#: What `notify` subscribes to when it names no events: the final statuses.
+FINAL_EVENTS: tuple[str, ...] = (
+    "message.delivered",
+    "message.failed",
+    "message.expired",
+    "message.rejected",
+)
+_NAME = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$"
+
+
+class Notify(BaseModel):
+    """Who hears of a message's events (contract): a webhook URL and/or a Dramatiq
+    queue and actor; `events` defaults to the final ones."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    url: str | None = Field(None, max_length=2048, description="http(s) URL for webhooks")
+    queue_name: str | None = Field(None, pattern=_NAME, description="Dramatiq queue for replies")
+    actor_name: str | None = Field(None, pattern=_NAME, description="Dramatiq actor for replies")
+    events: list[EventType] | None = Field(
+        None, min_length=1, max_length=7, description="default: the final ones"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        from worker.webhooks import check_url
+
+        if value is None:
+            return None
+        problem = check_url(value)
+        if problem is not None:
+            raise PydanticCustomError("url", problem)
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise PydanticCustomError("events", "events must not repeat")
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> Notify:
+        if (self.queue_name is None) != (self.actor_name is None):
+            raise PydanticCustomError(
+                "notify", "queue_name and actor_name go together: give both or neither"
+            )
+        if self.queue_name == "kodmobi":
+            raise PydanticCustomError("notify", "queue_name: replies cannot go to our own queue")
+        return self
+
+
 class SendRequest(BaseModel):
     """One code to send; the same shape over HTTP, Dramatiq and Python."""
 
@@ -108,6 +172,7 @@ class SendRequest(BaseModel):
     provider_id: int | None = Field(None, ge=1, le=2**31 - 1)
     ttl_s: int | None = Field(None, ge=10, le=MAX_TTL_S, description="code lifetime, seconds")
     metadata: dict[str, Any] | None = None
+    notify: Notify | None = Field(None, description="who hears of this message's events")
 
     @field_validator("to")
     @classmethod
@@ -255,3 +320,50 @@ class CheckRequest(BaseModel):
 class CheckResult(BaseModel):
     valid: bool
     reason: str | None = None
+
+
+class FallbackDetail(BaseModel):
+    from_channel: str
+    to_channel: str
+    reason: str
+
+
+class EventView(BaseModel):
+    """An outcome event as webhooks, Dramatiq replies and the feed carry it."""
+
+    id: str
+    type: str
+    timestamp: datetime
+    data: MessageView
+    #: For `message.fallback` only.
+    fallback: FallbackDetail | None = None
+
+
+class DeliveryTryView(BaseModel):
+    at: datetime
+    http_status: int | None
+    error: str | None
+    duration_ms: int
+
+
+class DeliveryView(BaseModel):
+    target: str
+    url: str | None
+    queue_name: str | None
+    actor_name: str | None
+    state: str
+    tries: int
+    next_try_at: datetime | None
+    last_error: str | None
+    delivered_at: datetime | None
+    history: list[DeliveryTryView] = []
+
+
+class EventDetailView(EventView):
+    deliveries: list[DeliveryView] = []
+
+
+class EventPage(BaseModel):
+    events: list[EventView]
+    #: Pass as `after` for the next page (the last event's id; `after` again when empty).
+    next_after: str | None

@@ -9,7 +9,15 @@ from functools import lru_cache
 from typing import Annotated, Any, NoReturn
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.rules import PHONE_CHANNELS
@@ -127,6 +135,15 @@ class Settings(DatabaseSettings):
     #: Serve /docs, /redoc and /openapi.json (off by default: issue 13).
     api_docs: bool = Field(False, alias="API_DOCS")
 
+    # Outcome events (issue 10, DESIGN §11).
+    notify_url: str | None = Field(None, alias="NOTIFY_URL")
+    webhook_secret: SecretStr | None = Field(None, alias="WEBHOOK_SECRET")
+    webhook_retry_horizon_s: float = Field(86400.0, alias="WEBHOOK_RETRY_HORIZON_S", gt=0)
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), alias="WEBHOOK_ALLOWED_HOSTS"
+    )
+    webhook_timeout_s: float = Field(10.0, alias="WEBHOOK_TIMEOUT_S", gt=0)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -192,6 +209,36 @@ class Settings(DatabaseSettings):
             raise ValueError(f"each key must be at least {MIN_SECRET_LENGTH} characters")
         return keys
 
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        from worker.webhooks import secret_key
+
+        if value is None or not value.get_secret_value():
+            return None
+        secret_key(value.get_secret_value())  # raises ValueError, never echoing the secret
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _webhook_hosts_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _webhooks_signed(self) -> Settings:
+        if self.notify_url and self.webhook_secret is None:
+            raise ValueError("WEBHOOK_SECRET is missing (required with NOTIFY_URL)")
+        return self
+
     @field_validator("default_channels", mode="before")
     @classmethod
     def _channels_csv(cls, value: Any) -> Any:
@@ -214,7 +261,10 @@ def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
     aliases = {name: (f.alias or name).upper() for name, f in model.model_fields.items()}
     problems = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
+        if not error["loc"]:  # a rule across settings: its message names the variables
+            problems.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(error["loc"][0])
         variable = aliases.get(field, field.upper())
         if error["type"] == "missing":
             problems.append(f"{variable} is missing")

@@ -136,5 +136,6 @@ def configure_process_logging(settings: Settings) -> None:
             *(k.get_secret_value() for k in settings.code_key),
             *(t.token.get_secret_value() for t in settings.api_tokens),
             *(t.get_secret_value() for t in settings.ops_tokens),
+            *([settings.webhook_secret.get_secret_value()] if settings.webhook_secret else []),
         ],
     )

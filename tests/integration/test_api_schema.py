@@ -48,12 +48,16 @@ OPERATIONS = [
     ("GET", "/readyz"),
     ("GET", "/callbacks/kodmobi/{attempt_id}/{token}"),
     ("POST", "/callbacks/kodmobi/{attempt_id}/{token}"),
+    ("GET", "/v1/events"),
+    ("GET", "/v1/events/{event_id}"),
+    ("POST", "/v1/events/{event_id}/redeliver"),
 ]
 #: Operations with constraints a request can break (the others take free-form strings only).
 NEGATABLE = [
     ("POST", "/v1/messages"),
     ("GET", "/v1/messages"),
     ("POST", "/v1/messages/{message_id}/check"),
+    ("GET", "/v1/events"),
 ]
 
 

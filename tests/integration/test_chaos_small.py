@@ -24,6 +24,9 @@ SMALL = ChaosParams(
     both_down=0,
     invalid_messages=3,
     send_rate=25.0,
+    # Callbacks come a second after each send, so the ones for sends made just before
+    # the Postgres restart arrive during it (sends stop while Postgres is down).
+    callback_delay_ms=1000,
     drain_bound_s=120.0,
 )
 

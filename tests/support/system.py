@@ -25,6 +25,7 @@ from worker.jobs import declare_actors
 from worker.migrate import upgrade as migrate
 from worker.rules import MESSAGE_FINAL
 from worker.settings import Settings, normalise_database_url
+from worker.usecases.events import EventDispatcher, broker_reply
 from worker.usecases.sweep import sweep
 from worker.web.app import create_app
 from worker.wiring import Root
@@ -215,6 +216,13 @@ def running_system(
         sweeper = threading.Thread(target=sweep_forever, daemon=True)
         sweeper.start()
         stack.callback(sweeper.join, 5)
+        stack.callback(stop.set)
+        # The clock's other thread: outcome events out to webhooks and Dramatiq replies.
+        dispatcher = EventDispatcher(root.ctx, broker_reply(root.broker), poll_s=0.05)
+        stack.callback(dispatcher.close)
+        dispatching = threading.Thread(target=dispatcher.run, args=(stop,), daemon=True)
+        dispatching.start()
+        stack.callback(dispatching.join, 15)
         stack.callback(stop.set)
 
         api = stack.enter_context(

@@ -9,12 +9,15 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from ulid import ULID
+
 from worker import rules
 from worker.call_slots import SlotsBusy
 from worker.db import retry_on_disconnect
 from worker.kodmobi.errors import Action, KodMobiError
 from worker.kodmobi.models import ManualSendResponse
 from worker.logging import get_logger
+from worker.usecases import outbox
 from worker.usecases.context import Context, bind, utcnow
 from worker.usecases.store import Changes, in_list, lock_pair
 from worker.usecases.transitions import expire, fallback, finish_attempt, finish_message
@@ -40,13 +43,18 @@ WITH claimed AS (
      AND a.status = '{rules.QUEUED}' AND a.next_try_at <= %(due)s
      AND m.status IN {in_list(rules.MESSAGE_OPEN)} AND m.expires_at > %(now)s
   RETURNING a.message_id, a.seq, a.channel, a.provider_id, a.tries,
-            m.recipient, m.code_ciphertext
+            m.recipient, m.code_ciphertext, a.id, {outbox.attempt_view("a")} AS v
 ), moved AS (
   UPDATE messages SET status = '{rules.SENDING}', updated_at = %(now)s
    WHERE id = (SELECT message_id FROM claimed)
      AND status IN {in_list(rules.message_moves_to(rules.SENDING))}
+  {outbox.MESSAGE_RETURNING}
+), event AS (
+  {outbox.insert_one(
+      id_param="%(event_id)s", type_sql=f"'message.{rules.SENDING}'", at_param="%(now)s",
+      source="moved", attempts="claimed")}
 )
-SELECT * FROM claimed
+SELECT message_id, seq, channel, provider_id, tries, recipient, code_ciphertext FROM claimed
 """
 
 _TO_ACCEPTED = in_list(rules.attempt_moves_to(rules.ACCEPTED))
@@ -61,11 +69,16 @@ WITH a AS (
          deadline = CASE WHEN status IN {_TO_ACCEPTED} THEN %(deadline)s ELSE deadline END,
          status = CASE WHEN status IN {_TO_ACCEPTED} THEN '{rules.ACCEPTED}' ELSE status END
    WHERE id = %(attempt_id)s
-  RETURNING message_id
+  {outbox.ATTEMPT_RETURNING}
+), moved AS (
+  UPDATE messages SET status = '{rules.SENT}', updated_at = %(now)s
+   WHERE id = (SELECT message_id FROM a)
+     AND status IN {in_list(rules.message_moves_to(rules.SENT))}
+  {outbox.MESSAGE_RETURNING}
 )
-UPDATE messages SET status = '{rules.SENT}', updated_at = %(now)s
- WHERE id = (SELECT message_id FROM a)
-   AND status IN {in_list(rules.message_moves_to(rules.SENT))}
+{outbox.insert_one(
+    id_param="%(event_id)s", type_sql=f"'message.{rules.SENT}'", at_param="%(now)s",
+    source="moved", attempts="a")}
 """
 
 
@@ -114,7 +127,13 @@ def _deliver_one(ctx: Context, attempt_id: str) -> str | None:
     with ctx.conn() as conn:
         row = conn.exec_driver_sql(
             _CLAIM,
-            {"attempt_id": attempt_id, "now": now, "due": now + DUE_SLACK, "deadline": deadline},
+            {
+                "attempt_id": attempt_id,
+                "now": now,
+                "due": now + DUE_SLACK,
+                "deadline": deadline,
+                "event_id": str(ULID()),
+            },
         ).first()
     if row is None:
         _not_claimed(ctx, attempt_id, now)
@@ -176,6 +195,7 @@ def _record_accepted(ctx: Context, attempt_id: str, answer: ManualSendResponse) 
                 "kodmobi_code": answer.code,
                 "now": now,
                 "deadline": now + timedelta(seconds=ctx.settings.delivery_timeout_s),
+                "event_id": str(ULID()),
             },
         )
 

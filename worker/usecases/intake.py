@@ -25,6 +25,7 @@ from worker.schemas import (
 )
 from worker.security import draw_code
 from worker.settings import DEFAULT_PRODUCER, PRODUCER_PATTERN
+from worker.usecases import outbox
 from worker.usecases.context import Context, bind, utcnow
 from worker.usecases.limits import RateLimited, check_recipient_limits
 
@@ -64,7 +65,7 @@ _QUEUED_ATTEMPT = (
 _MESSAGE_COLUMNS = (
     "id, producer, idempotency_key, fingerprint, source, recipient, recipient_key, "
     "recipient_kind, channels, provider_id, code_ciphertext, status, failure_reason, "
-    "metadata, created_at, updated_at, expires_at"
+    "metadata, created_at, updated_at, expires_at, notify"
 )
 _MESSAGE_VALUES = ", ".join(f"%({c.strip()})s" for c in _MESSAGE_COLUMNS.split(","))
 _ON_KEY = "ON CONFLICT (producer, idempotency_key) DO NOTHING"
@@ -84,7 +85,16 @@ WITH m AS (
 )
 SELECT id, status, channels, expires_at FROM m
 """
-_INSERT_REJECTED = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_VALUES}) {_ON_KEY}"
+# The rejected message and its `message.rejected` event (issue 10) in one statement.
+_INSERT_REJECTED = f"""
+WITH m AS (
+  INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_VALUES}) {_ON_KEY}
+  {outbox.MESSAGE_RETURNING}
+)
+{outbox.insert_one(
+    id_param="%(event_id)s", type_sql=f"'message.{rules.REJECTED}'", at_param="%(created_at)s",
+    source="m", attempts=None)}
+"""
 
 
 def _fingerprints(ctx: Context, request: SendRequest) -> list[str]:
@@ -126,6 +136,7 @@ def accept(
     chain = request.chain(ctx.settings.default_channels)
     ttl = request.ttl_s or ctx.settings.code_ttl_s
     code = request.code or draw_code(DRAWN_CODE_LENGTH)
+    notify = outbox.subscription(ctx.settings, request.notify)
     with ctx.conn() as conn:
         existing = _existing(conn, producer, key, fingerprints)
         if existing is not None:
@@ -153,6 +164,7 @@ def accept(
                 "created_at": now,
                 "updated_at": now,
                 "expires_at": now + timedelta(seconds=ttl),
+                "notify": _jsonb(notify),
                 "attempt_id": attempt_id,
                 "channel": chain[0],
             },
@@ -188,6 +200,7 @@ def reject(
     reason: str,
     raw_to: Any = None,
     producer: str = DEFAULT_PRODUCER,
+    raw_notify: Any = None,
 ) -> str:
     """Record input we will never send, with the reason, so the producer can see why.
     Returns the id of the message recorded under the key."""
@@ -215,6 +228,8 @@ def reject(
                 "created_at": now,
                 "updated_at": now,
                 "expires_at": now,
+                "notify": _jsonb(outbox.subscription_of_raw(ctx.settings, raw_notify)),
+                "event_id": str(ULID()),
             },
         )
         found = conn.exec_driver_sql(
@@ -224,6 +239,10 @@ def reject(
     metrics.message_final(source, rules.REJECTED)
     bind(_Row(message_id, recipient)).warning("message.rejected", source=source, reason=reason)
     return message_id
+
+
+def _jsonb(value: dict[str, Any] | None) -> Jsonb | None:
+    return None if value is None else Jsonb(value)
 
 
 def derived_key(message_id: str | None) -> str:
@@ -253,10 +272,11 @@ def accept_dramatiq(
         key = fallback_key
     producer: Any = kwargs.pop(DRAMATIQ_PRODUCER_KWARG, DEFAULT_PRODUCER)
     raw_to = kwargs.get("to")
+    raw_notify = kwargs.get("notify")
 
     def refuse(reason: str, owner: str = DEFAULT_PRODUCER, under: str = fallback_key) -> None:
         reject(ctx, idempotency_key=under, source="dramatiq", reason=reason, raw_to=raw_to,
-               producer=owner)
+               producer=owner, raw_notify=raw_notify)
 
     if not isinstance(producer, str) or not PRODUCER_PATTERN.fullmatch(producer):
         refuse("producer: must be 1 to 64 letters, digits, '.', '_' or '-'")
@@ -283,6 +303,9 @@ def accept_dramatiq(
         return None
     except RateLimited as exc:
         reject(ctx, idempotency_key=key, source="dramatiq", reason=exc.reason,
-               raw_to=request.to, producer=producer)
+               raw_to=request.to, producer=producer, raw_notify=raw_notify)
+        return None
+    except outbox.NotifyRefused as exc:
+        refuse(str(exc), producer, key)
         return None
     return result.attempt_id

@@ -14,6 +14,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Connection
 
 from worker import rules
+from worker.usecases import outbox
 
 
 def in_list(values: tuple[str, ...] | frozenset[str]) -> str:
@@ -116,6 +117,8 @@ class Changes:
     inserted: list[dict[str, Any]] = field(default_factory=list)
     #: (message id, note, now): close every other open attempt of the message.
     close_open: list[tuple[str, str, datetime]] = field(default_factory=list)
+    #: Outcome events to write with the changes (worker.usecases.outbox).
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def attempt(self, row: AttemptRow, **values: Any) -> None:
         for key, value in values.items():
@@ -135,8 +138,14 @@ class Changes:
     def close_open_attempts(self, message_id: str, note: str, now: datetime) -> None:
         self.close_open.append((message_id, note, now))
 
+    def event(self, message_id: str, type_: str, at: datetime, detail: Any = None) -> None:
+        """Record outcome event `type_` of a message changed here (the outbox, issue 10)."""
+        self.events.append(outbox.new_event(message_id, type_, at, detail))
+
     def __bool__(self) -> bool:
-        return bool(self.attempts or self.messages or self.inserted or self.close_open)
+        return bool(
+            self.attempts or self.messages or self.inserted or self.close_open or self.events
+        )
 
     def statement(self, tail: str | None = None) -> tuple[str, dict[str, Any]]:
         """One SQL statement writing every change (each a CTE), ending in `tail` (a final
@@ -148,16 +157,37 @@ class Changes:
             params[name] = Jsonb(value) if isinstance(value, dict) else value
             return f"%({name})s"
 
+        # With events to write, the changing CTEs return their new rows for the views.
+        attempt_ctes: list[str] = []
+        message_ctes: list[str] = []
+
+        def returning(names: list[str], clause: str) -> str:
+            if not self.events:
+                return ""
+            names.append(f"w{len(parts)}")
+            return " " + clause
+
         for table, rows in (("attempts", self.attempts), ("messages", self.messages)):
+            names, clause = (
+                (attempt_ctes, outbox.ATTEMPT_RETURNING)
+                if table == "attempts"
+                else (message_ctes, outbox.MESSAGE_RETURNING)
+            )
             for i, (row_id, values) in enumerate(rows.items()):
                 p = f"{table[0]}{i}_"
                 sets = ", ".join(f"{col} = {bind(p + col, v)}" for col, v in values.items())
-                parts.append(f"UPDATE {table} SET {sets} WHERE id = {bind(p + 'id', row_id)}")
+                parts.append(
+                    f"UPDATE {table} SET {sets} WHERE id = {bind(p + 'id', row_id)}"
+                    + returning(names, clause)
+                )
         for i, values in enumerate(self.inserted):
             p = f"n{i}_"
             cols = ", ".join(values)
             vals = ", ".join(bind(p + col, v) for col, v in values.items())
-            parts.append(f"INSERT INTO attempts ({cols}) VALUES ({vals})")
+            parts.append(
+                f"INSERT INTO attempts ({cols}) VALUES ({vals})"
+                + returning(attempt_ctes, outbox.ATTEMPT_RETURNING)
+            )
         for i, (message_id, note, now) in enumerate(self.close_open):
             p = f"c{i}_"
             # An attempt updated above is not "open" any more (one statement: CTEs see
@@ -169,12 +199,15 @@ class Changes:
                 f"WHERE message_id = {bind(p + 'mid', message_id)} "
                 f"AND status IN {in_list(rules.ATTEMPT_OPEN)} "
                 f"AND NOT (id = ANY({bind(p + 'done', list(self.attempts))}::text[]))"
+                + returning(attempt_ctes, outbox.ATTEMPT_RETURNING)
             )
         final = tail or "SELECT 1"
-        if not parts:
+        if not parts and not self.events:
             return final, params
-        ctes = ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(parts))
-        return f"WITH {ctes} {final}", params
+        ctes = [f"w{i} AS ({sql})" for i, sql in enumerate(parts)]
+        if self.events:
+            ctes += outbox.insert_recorded(self.events, attempt_ctes, message_ctes, bind)
+        return f"WITH {', '.join(ctes)} {final}", params
 
     def write(self, conn: Connection) -> None:
         if self:

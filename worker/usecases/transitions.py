@@ -55,6 +55,7 @@ def mark_accepted(
     )
     if rules.message_can_move(message.status, rules.SENT):
         changes.message(message, status=rules.SENT, updated_at=now)
+        changes.event(message.id, f"message.{rules.SENT}", now)
     return True
 
 
@@ -83,6 +84,7 @@ def finish_message(
         changes.message(message, status=status, updated_at=now, delivered_at=now)
     else:
         changes.message(message, status=status, updated_at=now, failure_reason=reason)
+    changes.event(message.id, f"message.{status}", now)
     if others_open:
         changes.close_open_attempts(message.id, f"closed: message {status}", now)
     metrics.message_final(message.source, status)
@@ -124,6 +126,8 @@ def fallback(
         return None
     nxt = new_attempt(message.id, attempt.seq + 1, channel, None, now)
     changes.insert_attempt(**nxt)
+    detail = {"from_channel": attempt.channel, "to_channel": channel, "reason": reason}
+    changes.event(message.id, "message.fallback", now, detail)
     bind(message, attempt).info(
         "fallback.triggered", from_channel=attempt.channel, to_channel=channel, reason=reason
     )

@@ -21,6 +21,7 @@ from worker.usecases import intake, reads
 from worker.usecases.context import Context
 from worker.usecases.intake import IdempotencyConflict
 from worker.usecases.limits import RateLimited
+from worker.usecases.outbox import NotifyRefused
 from worker.web.deps import get_context, get_root, require_token
 from worker.wiring import Root
 
@@ -60,6 +61,10 @@ def create_message(
         )
     except IdempotencyConflict as exc:
         raise HTTPException(409, detail=str(exc)) from None
+    except NotifyRefused as exc:
+        loc = ["body", *exc.field.split(".")]
+        detail = [{"loc": loc, "msg": exc.reason, "type": "value_error"}]
+        raise HTTPException(422, detail=detail) from None
     except RateLimited as exc:
         raise HTTPException(
             429, detail=exc.reason, headers={"Retry-After": str(int(exc.retry_after_s + 0.999))}

@@ -16,6 +16,7 @@ from worker.usecases.callbacks import CallbackData
 from worker.usecases.group_commit import GroupCommit
 from worker.usecases.receive import Received, receive_batch
 from worker.web import api, callbacks, ops, outages
+from worker.web import events as event_feed
 from worker.web.limits import BodyLimit
 
 
@@ -80,6 +81,7 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
 
     outages.install(app)
     app.include_router(api.router)
+    app.include_router(event_feed.router)
     app.include_router(api.health)
     app.include_router(callbacks.router)
     ops.install(app)  # GET /metrics and the console at /ops (issue 11)
