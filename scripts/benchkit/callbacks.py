@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,9 @@ def _insert_accepted(db_url: str, count: int) -> list[tuple[str, int]]:
     for i in range(count):
         message_id, attempt_id = str(ULID()), str(ULID())
         kodmobi_id = 1_000_000 + i
+        to = phone(4, i)
         messages.append(
-            (message_id, message_id, "bench", "dramatiq", phone(4, i), "phone", ["sms"],
+            (message_id, message_id, "bench", "dramatiq", to, to, "phone", ["sms"],
              b"\0" * 28, "sent", now, now, far)
         )  # fmt: skip
         attempts.append(
@@ -45,8 +47,8 @@ def _insert_accepted(db_url: str, count: int) -> list[tuple[str, int]]:
     with psycopg.connect(db_url) as conn, conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO messages (id, idempotency_key, fingerprint, source, recipient, "
-            "recipient_kind, channels, code_ciphertext, status, created_at, updated_at, "
-            "expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "recipient_key, recipient_kind, channels, code_ciphertext, status, created_at, "
+            "updated_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             messages,
         )
         cur.executemany(
@@ -64,10 +66,13 @@ def run_callbacks(
     warm = 200
     secret = infra.secrets["CALLBACK_SECRET"]
 
+    # Callback URLs carry their expiry (issue 13): these live an hour, as a real one would.
+    expires_at = int(time.time()) + 3600
+
     def requests_for(pairs: list[tuple[str, int]]) -> list[tuple[bytes, bytes]]:
         return [
             (
-                f"/callbacks/kodmobi/{aid}/{callback_token(secret, aid)}".encode(),
+                f"/callbacks/kodmobi/{aid}/{callback_token(secret, aid, expires_at)}".encode(),
                 _callback_body(kid),
             )
             for aid, kid in pairs

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     n_e2e = args.messages or (1000 if quick else 5000)
     n_limit = args.limit_messages or (4000 if quick else 20000)
-    n_callbacks = args.callbacks or (1000 if quick else 3000)
+    n_callbacks = args.callbacks or (1000 if quick else 5000)
     latency_s = args.latency_seconds or (5.0 if quick else 15.0)
     wanted = set(args.only or FIGURES)
     if "memory" in wanted:
