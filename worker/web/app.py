@@ -85,6 +85,7 @@ def create_app(root: wiring.Root | None = None) -> FastAPI:
     app.include_router(api.health)
     app.include_router(callbacks.router)
     ops.install(app)  # GET /metrics and the console at /ops (issue 11)
+    app.add_middleware(callbacks.CallbackShortcut)
     # Outermost: bodies are bounded before authentication and parsing (issue 13).
     app.add_middleware(BodyLimit)
     return app

@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker import metrics
 from worker.logging import get_logger
@@ -159,3 +160,28 @@ async def kodmobi_callback(attempt_id: str, token: str, request: Request) -> JSO
     if outcome is None:
         return _reply(404, "not found")
     return JSONResponse({"ok": True, "outcome": outcome})
+
+
+class CallbackShortcut:
+    """ASGI middleware taking kod.mobi's callbacks straight to `kodmobi_callback`, past
+    FastAPI's routing, dependency and exception layers: the web process's hot path
+    (issue 9). The route above stays declared, for the schema and for any path this
+    does not take (a trailing slash, another method), which FastAPI answers as before."""
+
+    PREFIX = "/callbacks/kodmobi/"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] in ("GET", "POST")
+            and scope["path"].startswith(self.PREFIX)
+        ):
+            parts = scope["path"][len(self.PREFIX) :].split("/")
+            if len(parts) == 2 and parts[0] and parts[1]:
+                response = await kodmobi_callback(parts[0], parts[1], Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
