@@ -170,14 +170,14 @@ class Settings(DatabaseSettings):
                 raise ValueError("must be https:// (plain http only for loopback hosts)")
         return value.rstrip("/")
 
-    @field_validator("ops_tokens", mode="before")
+    @field_validator("ops_tokens", "code_key", mode="before")
     @classmethod
-    def _ops_tokens(cls, value: Any) -> Any:
-        tokens = _split_csv(value)
-        if isinstance(tokens, list) and any(len(t) < MIN_SECRET_LENGTH for t in tokens):
+    def _secret_list(cls, value: Any) -> Any:
+        secrets = _split_csv(value)
+        if isinstance(secrets, list) and any(len(s) < MIN_SECRET_LENGTH for s in secrets):
             # Never echo the entry: it is a secret.
-            raise ValueError(f"each token must be at least {MIN_SECRET_LENGTH} characters")
-        return tokens
+            raise ValueError(f"each entry must be at least {MIN_SECRET_LENGTH} characters")
+        return secrets
 
     @field_validator("api_tokens", mode="before")
     @classmethod
@@ -200,14 +200,6 @@ class Settings(DatabaseSettings):
         if len({p["token"] if isinstance(p, dict) else p for p in parsed}) != len(parsed):
             raise ValueError("a token is listed twice")
         return parsed
-
-    @field_validator("code_key", mode="before")
-    @classmethod
-    def _code_keys(cls, value: Any) -> Any:
-        keys = _split_csv(value)
-        if isinstance(keys, list) and any(len(k) < MIN_SECRET_LENGTH for k in keys):
-            raise ValueError(f"each key must be at least {MIN_SECRET_LENGTH} characters")
-        return keys
 
     @field_validator("notify_url")
     @classmethod
