@@ -9,8 +9,9 @@ an older server gets Dramatiq's plain sleep."""
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import dramatiq
 import redis
@@ -38,12 +39,27 @@ SOCKET_TIMEOUT_S = 10.0
 
 class _WakeableConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer (dramatiq 2.x `_RedisConsumer.__next__`), with its idle
-    sleep replaced by a blocking wait for the queue list to be non-empty."""
+    sleep replaced by a blocking wait for the queue list to be non-empty, and its
+    prefetched messages kept across a reconnect.
 
-    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+    Dramatiq's worker replaces a consumer whose connection broke and drops the messages
+    it had prefetched; those stay in this live worker's ack set, where nothing requeues
+    them until the worker process dies (a chaos run found one producer's message held
+    so). Here a closing consumer leaves them with the broker, and the next consumer of
+    its queue hands them out first: they are still ours to process and ack."""
+
+    def __init__(
+        self, broker: KodmobiRedisBroker, queue_name: str, prefetch: int, timeout: int
+    ) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
         self.queue_key = f"{broker.namespace}:{queue_name}"
         self.can_block = True
+        self.message_cache = broker.take_prefetched(queue_name)
+
+    def close(self) -> None:
+        cast(KodmobiRedisBroker, self.broker).keep_prefetched(self.queue_name, self.message_cache)
+        self.message_cache = []
+        super().close()
 
     def __next__(self) -> Any:
         try:
@@ -84,16 +100,32 @@ class _WakeableConsumer(_RedisConsumer):
 
 
 class KodmobiRedisBroker(RedisBroker):
-    """Dramatiq's Redis broker whose idle consumers wake on our producers' push."""
+    """Dramatiq's Redis broker whose idle consumers block in Redis, and whose consumers
+    pass prefetched messages on to their successors (see _WakeableConsumer)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._prefetched: dict[str, list[bytes]] = {}
+        self._prefetched_lock = threading.Lock()
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
         return _WakeableConsumer
 
+    def keep_prefetched(self, queue_name: str, messages: list[bytes]) -> None:
+        kept = [m for m in messages if m is not None]
+        if kept:
+            with self._prefetched_lock:
+                self._prefetched.setdefault(queue_name, []).extend(kept)
+
+    def take_prefetched(self, queue_name: str) -> list[bytes]:
+        with self._prefetched_lock:
+            return self._prefetched.pop(queue_name, [])
+
 
 def build_broker(redis_url: str, namespace: str = "dramatiq") -> RedisBroker:
     """A Redis broker; not made Dramatiq's global one (see worker.wiring.start)."""
-    broker = KodmobiRedisBroker(  # type: ignore[no-untyped-call]
+    broker = KodmobiRedisBroker(
         url=redis_url,
         namespace=namespace,
         heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,

@@ -74,3 +74,30 @@ def test_the_wait_leaves_the_queue_as_it_was(redis_url: str) -> None:
         assert broker.client.lrange(queue_key, 0, -1) == before
     finally:
         broker.close()
+
+
+def test_messages_prefetched_before_a_reconnect_go_to_the_next_consumer(
+    redis_url: str,
+) -> None:
+    # Given a consumer that fetched three messages and handed out one, when its
+    # connection broke (Dramatiq then closes it and starts another)
+    broker = build_broker(redis_url, f"kodmobi-test-{uuid.uuid4().hex[:8]}")
+    try:
+        sent = [enqueue(broker, "ping", i) for i in range(3)]
+        first = broker.consume(QUEUE, prefetch=3, timeout=100)
+        taken = [next(first)]
+        first.close()
+        # When the next consumer of the queue runs (the queue list itself is empty now:
+        # the three sit in this worker's ack set)
+        assert broker.client.llen(f"{broker.namespace}:{QUEUE}") == 0
+        second = broker.consume(QUEUE, prefetch=3, timeout=100)
+        taken += [next(second), next(second)]
+        # Then it hands out the two the first had prefetched, and they can be acked
+        assert [m.message_id for m in taken] == sent
+        for message in taken[1:]:
+            second.ack(message)
+        first.ack(taken[0])
+        acks = broker.client.keys(f"{broker.namespace}:__acks__.*")
+        assert all(broker.client.scard(k) == 0 for k in acks)
+    finally:
+        broker.close()
