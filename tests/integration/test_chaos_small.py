@@ -73,7 +73,7 @@ def test_every_attempt_sent_twice_to_kodmobi_is_explained(report: ChaosReport) -
 @pytest.mark.slow
 def test_the_faults_really_happened(report: ChaosReport) -> None:
     kinds = sorted(f.kind for f in report.faults)
-    assert kinds == ["postgres_restart_callbacks", "redis_restart", "worker_kill"]
+    assert kinds == ["postgres_restart_callbacks", "receiver_down", "redis_restart", "worker_kill"]
     assert report.restarts.get("redis") == 1
     assert report.restarts.get("postgres") == 1
     assert sum(n for name, n in report.restarts.items() if name.startswith("worker-")) == 1
