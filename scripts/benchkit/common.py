@@ -17,7 +17,7 @@ THREADS = processes.WORKER_THREADS
 WORKER_POLL_MS = processes.WORKER_POLL_MS
 
 
-FIGURES = ("limit", "e2e", "latency-bound", "latency", "callbacks", "memory")
+FIGURES = ("limit", "e2e", "e2e-notify", "latency-bound", "latency", "callbacks", "memory")
 #: Sandbox answer delay of the latency-bound figure.
 SLOW_KODMOBI_MS = 200
 LATENCY_RATE = 20.0

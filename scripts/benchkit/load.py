@@ -17,13 +17,12 @@ from scripts.benchkit.system import System
 from worker.broker import QUEUE
 
 
-def send_code_message(to: str) -> dramatiq.Message[Any]:
+def send_code_message(to: str, notify: dict[str, Any] | None = None) -> dramatiq.Message[Any]:
+    kwargs: dict[str, Any] = {"to": to, "channels": ["sms"]}
+    if notify is not None:
+        kwargs["notify"] = notify
     return dramatiq.Message(
-        queue_name=QUEUE,
-        actor_name="send_code",
-        args=(),
-        kwargs={"to": to, "channels": ["sms"]},
-        options={},
+        queue_name=QUEUE, actor_name="send_code", args=(), kwargs=kwargs, options={}
     )
 
 

@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(("limit", lambda label: run_limit(infra, n_limit, label)))
         if "e2e" in wanted:
             plan.append(("e2e", lambda label: run_throughput(infra, n_e2e, 0, label)))
+        if "e2e-notify" in wanted:
+            plan.append(
+                ("e2e-notify", lambda label: run_throughput(infra, n_e2e, 0, label, notify=True))
+            )
         if "latency-bound" in wanted:
             plan.append(
                 (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from scripts.benchkit.common import (
     log,
     phone,
 )
+from scripts.benchkit.hooks import Hooks, fast_receiver
 from scripts.benchkit.infra import Infra
 from scripts.benchkit.load import release, send_code_message, stage_messages
 from scripts.benchkit.measure import CpuMeter, RssSampler
@@ -61,13 +63,33 @@ def _status_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
 
 
 def run_throughput(
-    infra: Infra, n: int, latency_ms: float, label: str, profile: Path | None = None
+    infra: Infra,
+    n: int,
+    latency_ms: float,
+    label: str,
+    profile: Path | None = None,
+    notify: bool = False,
+) -> dict[str, Any]:
+    """Codes from intake to `delivered`; with `notify`, each also asks for a webhook (the
+    final events, the default) to a fast local receiver, and the run ends when Postgres
+    counts N delivered and N webhooks taken."""
+    with contextlib.ExitStack() as stack:
+        hooks = stack.enter_context(fast_receiver()) if notify else None
+        return _run_throughput(infra, n, latency_ms, label, profile, hooks)
+
+
+def _run_throughput(
+    infra: Infra, n: int, latency_ms: float, label: str, profile: Path | None, hooks: Hooks | None
 ) -> dict[str, Any]:
     with system(infra, label) as sys_:
+        notify = None
+        if hooks is not None:
+            sys_.env.update({"WEBHOOK_SECRET": hooks.secret, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"})
+            notify = {"url": f"{hooks.url}/hook"}
         sys_.start_sandbox(latency_ms=latency_ms, callback_delay_ms=0)
         sys_.start_web()
         sys_.start_clock()
-        staging = stage_messages(sys_, [send_code_message(phone(1, i)) for i in range(n)])
+        staging = stage_messages(sys_, [send_code_message(phone(1, i), notify) for i in range(n)])
         sys_.start_workers()
         profiler = None
         if profile is not None:
@@ -86,6 +108,12 @@ def run_throughput(
                     "SELECT count(*) FROM messages WHERE status = 'delivered'"
                 ).fetchone()
                 delivered = int(row[0]) if row else 0
+                if hooks is not None:
+                    row = conn.execute(
+                        "SELECT count(*) FROM event_deliveries WHERE state = 'delivered'"
+                    ).fetchone()
+                    # Done when both are: the figure counts a code once its webhook is taken.
+                    delivered = min(delivered, int(row[0]) if row else 0)
                 if sent_at is None:
                     stats = http.get("/sandbox/stats").json()
                     if stats["sends"]["accepted"] >= n:
@@ -103,10 +131,18 @@ def run_throughput(
             if profiler is not None:
                 profiler.stop()
             counts = _status_counts(conn)
+            hooks_delivered = None
+            if hooks is not None:
+                row = conn.execute(
+                    "SELECT count(*) FROM event_deliveries WHERE state = 'delivered'"
+                ).fetchone()
+                hooks_delivered = int(row[0]) if row else 0
         stats = http.get("/sandbox/stats").json()
         http.close()
         peaks = sorted(rss.peaks.values(), reverse=True)
     delivered = counts.get("delivered", 0)
+    if hooks_delivered is not None:
+        delivered = min(delivered, hooks_delivered)
     return {
         "msgs_per_s": delivered / elapsed,
         "elapsed_s": elapsed,
@@ -118,4 +154,6 @@ def run_throughput(
         "worker_rss_mb": [round(p / MB, 1) for p in peaks],
         "web_rss_mb": round(rss.web_peak / MB, 1),
         "cpu_cores": cpu,
+        "webhooks_delivered": hooks_delivered,
+        "webhooks_received": hooks.received if hooks is not None else None,
     }

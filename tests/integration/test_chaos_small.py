@@ -28,6 +28,9 @@ SMALL = ChaosParams(
     # the Postgres restart arrive during it (sends stop while Postgres is down).
     callback_delay_ms=1000,
     drain_bound_s=120.0,
+    # Issue 10, cheaply: notify on a fifth of the codes, the receiver away for 4 s.
+    notify_share=0.2,
+    receiver_down_s=4.0,
 )
 
 
@@ -70,7 +73,7 @@ def test_every_attempt_sent_twice_to_kodmobi_is_explained(report: ChaosReport) -
 @pytest.mark.slow
 def test_the_faults_really_happened(report: ChaosReport) -> None:
     kinds = sorted(f.kind for f in report.faults)
-    assert kinds == ["postgres_restart_callbacks", "redis_restart", "worker_kill"]
+    assert kinds == ["postgres_restart_callbacks", "receiver_down", "redis_restart", "worker_kill"]
     assert report.restarts.get("redis") == 1
     assert report.restarts.get("postgres") == 1
     assert sum(n for name, n in report.restarts.items() if name.startswith("worker-")) == 1
@@ -101,6 +104,14 @@ def test_the_logs_hold_no_traceback_and_no_unmasked_recipient(report: ChaosRepor
     assert report.ok, format_report(report)
 
 
+@pytest.mark.slow
+def test_subscribers_heard_every_event_verified_and_in_order(report: ChaosReport) -> None:
+    assert {s.target for s in report.subscribers} == {"webhook", "dramatiq"}
+    for s in report.subscribers:
+        assert s.ok, format_report(report)
+        assert s.expected > 0
+
+
 # -- a Redis restart shortly after a Postgres outage ---------------------------------------------
 
 #: Postgres away for 4 s used to make `send_code` fail and Dramatiq schedule its retries as
@@ -118,6 +129,7 @@ COMBINED = ChaosParams(
     redis_downtime_s=2.0,
     fault_plan="postgres_restart@1.5,redis_restart@+1",
     drain_bound_s=40.0,
+    notify_share=0.0,
 )
 
 
@@ -386,3 +398,49 @@ def test_a_next_channel_after_a_delivered_in_time_is_ours_and_fails_the_run(
     report.second_codes = found
     assert not report.ok
     assert re.search(r"codes sent twice caused by our outages +1 +FAIL", format_report(report))
+
+
+# -- the issue 10 checks (no servers): a broken build must fail each ---------------------------
+
+
+def test_the_subscriber_check_fails_on_a_bad_signature_a_new_id_a_lost_event_and_order() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tests.support.chaos.hooks import Receipt
+    from tests.support.chaos.notify import check_subscriber
+
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    types = ["message.sending", "message.sent", "message.delivered"]
+    events = {
+        "k": [
+            {"id": f"e{n}", "type": t, "created_at": t0 + timedelta(seconds=n)}
+            for n, t in enumerate(types)
+        ]
+    }
+    status = {"k": "delivered"}
+    subscribed = {"k": set(types)}
+
+    def receipt(seq: int, event: str, answer: str = "200", **kw: Any) -> Receipt:
+        fields = {"webhook_id": event, "verified": True} | kw
+        return Receipt(seq, float(seq), fields["webhook_id"], fields["verified"], answer,
+                       {"id": event})  # fmt: skip
+
+    good = [receipt(0, "e0", "500"), receipt(1, "e0"), receipt(2, "e1"), receipt(3, "e2")]
+    found = check_subscriber("webhook", subscribed, events, status, good)
+    found.drained = True
+    assert found.ok and found.repeats == 1 and found.received == 3
+    # signed with another secret
+    bad = check_subscriber("webhook", subscribed, events, status,
+                           [*good[:3], receipt(3, "e2", "401", verified=False)])  # fmt: skip
+    assert bad.unverified and bad.lost and bad.missing_final
+    # a new webhook-id on a repeat
+    renamed = check_subscriber("webhook", subscribed, events, status,
+                               [*good, receipt(4, "e2", webhook_id="other")])  # fmt: skip
+    assert renamed.id_mismatches
+    # an event dropped
+    dropped = check_subscriber("webhook", subscribed, events, status, good[:3])
+    assert dropped.lost and dropped.missing_final
+    # a later event before an earlier one was taken
+    ahead = check_subscriber("webhook", subscribed, events, status,
+                             [receipt(0, "e1"), receipt(1, "e0"), receipt(2, "e2")])  # fmt: skip
+    assert ahead.order_violations

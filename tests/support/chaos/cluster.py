@@ -57,6 +57,8 @@ class Cluster(processes.LocalEndpoints):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        #: more settings for every process (the webhook secret and allowed hosts)
+        self.extra_env: dict[str, str] = {}
 
     def start(self) -> None:
         p = self.params
@@ -87,8 +89,10 @@ class Cluster(processes.LocalEndpoints):
                 "LOG_FORMAT": "json",
                 "LOG_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1",
+                "WEBHOOK_TIMEOUT_S": str(p.webhook_timeout_s),
             }
         )
+        env.update(self.extra_env)
         self.database_url = database_url
         self.redis_url = redis_url
         self.env = env

@@ -89,6 +89,19 @@ class ChaosParams:
     #: postgres_restart_intake, postgres_outage, both_down; @s after the first send, @+s
     #: after the end of the fault before)
     fault_plan: str = ""
+    # The producers' side of outcome events (issue 10).
+    #: share of the messages that pass `notify` (a webhook, a Dramatiq reply, or both)
+    notify_share: float = 0.3
+    #: the chaos webhook receiver goes away (connections refused) once, this long
+    receiver_down_s: float = 30.0
+    #: when it goes away, s after the first send (negative: a fifth into the sending window)
+    receiver_down_at_s: float = -1.0
+    #: its answers: this share 500, this share slow (past WEBHOOK_TIMEOUT_S, then 200)
+    receiver_500_rate: float = 0.10
+    receiver_slow_rate: float = 0.05
+    receiver_slow_ms: int = 2500
+    #: our webhook client's timeout (WEBHOOK_TIMEOUT_S), below receiver_slow_ms
+    webhook_timeout_s: float = 1.0
 
 
 @dataclass
@@ -169,6 +182,58 @@ class Duplicate:
 
 
 @dataclass
+class Subscribers:
+    """What one kind of subscriber (webhooks or a Dramatiq reply queue) heard, against the
+    events the outbox holds for the messages that subscribed."""
+
+    target: str  # webhook | dramatiq
+    #: messages that subscribed, and the events of theirs they subscribed to (the outbox's)
+    messages: int = 0
+    expected: int = 0
+    #: distinct events received (verified, for webhooks), and every try seen
+    received: int = 0
+    receipts: int = 0
+    #: tries of an event seen more than once (a 500, a slow answer, a redelivery)
+    repeats: int = 0
+    #: final messages whose final event never arrived
+    missing_final: list[str] = field(default_factory=list)
+    #: subscribed events (outbox rows) never received
+    lost: list[str] = field(default_factory=list)
+    #: tries whose signature `standardwebhooks` refused
+    unverified: list[str] = field(default_factory=list)
+    #: tries whose webhook-id was not the event's id, or an event seen under two ids
+    id_mismatches: list[str] = field(default_factory=list)
+    #: an event received before an earlier one of its message was taken (answered 2xx)
+    order_violations: list[str] = field(default_factory=list)
+    #: a later event (outbox order) timestamped before an earlier one of its message: a
+    #: transition whose time was taken before it waited for the message's lock (informational)
+    timestamp_inversions: list[str] = field(default_factory=list)
+    #: receiver answers (status or "slow", "refused" for tries in the down window)
+    answers: dict[str, int] = field(default_factory=dict)
+    #: what our dispatcher's tries met, from its own record ("ok", "HTTP 500", "timeout", …)
+    tries: dict[str, int] = field(default_factory=dict)
+    #: deliveries still pending or dead in the outbox at the end
+    pending: int = 0
+    dead: int = 0
+    drained: bool = False
+    drain_after_last_fault_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.drained
+            and not self.missing_final
+            and not self.lost
+            and not self.unverified
+            and not self.id_mismatches
+            and not self.order_violations
+            and self.pending == 0
+            and self.dead == 0
+            and self.received == self.expected
+        )
+
+
+@dataclass
 class ChaosReport:
     params: ChaosParams
     workdir: Path
@@ -224,6 +289,10 @@ class ChaosReport:
     intake_503_without_retry_after: int = 0
     #: producers' `POST /v1/messages` answered 5xx other than 503: never expected (issue 12)
     intake_5xx: list[str] = field(default_factory=list)
+    #: outcome events (issue 10), by target; empty when no message passed `notify`
+    subscribers: list[Subscribers] = field(default_factory=list)
+    #: events in the outbox never given a feed position by the end
+    unsequenced_events: int = 0
 
     @property
     def sent(self) -> int:
@@ -252,7 +321,8 @@ class ChaosReport:
         through our outages (issue 12): no callback answered non-2xx outside the both-down
         window (nor anything but 503 inside it), no code sent twice because of us, intake
         never 5xx but a 503 with Retry-After, and the logs scanned: no traceback, no
-        recipient unmasked."""
+        recipient unmasked; and (issue 10) every subscriber heard every event it subscribed
+        to, verified, under one webhook-id, in order, none pending or dead at the end."""
         logs = self.logs
         answers = self.callback_answers
         return (
@@ -273,6 +343,8 @@ class ChaosReport:
             and not self.crashes
             and self.slots is not None
             and self.slots.leaked == 0
+            and all(s.ok for s in self.subscribers)
+            and self.unsequenced_events == 0
         )
 
 

@@ -43,9 +43,40 @@ def recipients(sends: list[PlannedSend]) -> list[str]:
     return [str(s.body["to"]) for s in sends]
 
 
-def plan_sends(params: ChaosParams) -> list[PlannedSend]:
+#: Every event type, for the subscribers that want them all.
+ALL_EVENTS = [
+    "message.sending",
+    "message.sent",
+    "message.delivered",
+    "message.failed",
+    "message.expired",
+    "message.rejected",
+    "message.fallback",
+]
+
+
+def notify_for(rng: random.Random, index: int, hook_url: str) -> dict[str, Any]:
+    """One subscriber's `notify`: a webhook (every event, or the defaults: the final
+    ones), a Dramatiq reply (every event), or both (every event)."""
+    from tests.support.chaos.hooks import REPLY_ACTOR, REPLY_QUEUE
+
+    url = f"{hook_url}/hook/{index}"
+    reply = {"queue_name": REPLY_QUEUE, "actor_name": REPLY_ACTOR}
+    kind = rng.choice(("hook-all", "hook-final", "reply", "both"))
+    if kind == "hook-all":
+        return {"url": url, "events": list(ALL_EVENTS)}
+    if kind == "hook-final":
+        return {"url": url}
+    if kind == "reply":
+        return {**reply, "events": list(ALL_EVENTS)}
+    return {"url": url, **reply, "events": list(ALL_EVENTS)}
+
+
+def plan_sends(params: ChaosParams, hook_url: str | None = None) -> list[PlannedSend]:
     """Unique recipients (never the sandbox's magic +79990… numbers), chains of 2–3
-    channels for phones, `email` for emails; a few malformed Dramatiq messages."""
+    channels for phones, `email` for emails; a few malformed Dramatiq messages; with
+    `hook_url`, `notify` on a share of them (and on every malformed one: `rejected` is
+    an event too)."""
     rng = random.Random(params.seed)
     n = params.messages
     http_count = round(n * params.http_share)
@@ -53,6 +84,7 @@ def plan_sends(params: ChaosParams) -> list[PlannedSend]:
     rng.shuffle(vias)
     dramatiq_indexes = [i for i, via in enumerate(vias) if via == "dramatiq"]
     invalid = set(rng.sample(dramatiq_indexes, min(params.invalid_messages, len(dramatiq_indexes))))
+    notify_rng = random.Random(params.seed + 1)
     sends = []
     for i, via in enumerate(vias):
         if i in invalid:
@@ -66,6 +98,12 @@ def plan_sends(params: ChaosParams) -> list[PlannedSend]:
                 to = rng.choice(SPELLINGS)(to[1:])
             body = {"to": to, "channels": chain}
         body["metadata"] = {"chaos": i}
+        if hook_url is not None and params.notify_share > 0:
+            # Drawn from a generator of its own, so the plan above stays the same.
+            if i in invalid:
+                body["notify"] = {"url": f"{hook_url}/hook/{i}"}
+            elif notify_rng.random() < params.notify_share:
+                body["notify"] = notify_for(notify_rng, i, hook_url)
         sends.append(PlannedSend(i, via, body, invalid=i in invalid))
     return sends
 
@@ -82,6 +120,8 @@ class Producers:
         #: idempotency key -> (via, message id from the HTTP answer or None)
         self.accepted: dict[str, tuple[str, str | None]] = {}
         self.expected_rejected: set[str] = set()
+        #: idempotency key -> the `notify` it was sent with (the messages that subscribed)
+        self.notify_of: dict[str, dict[str, Any]] = {}
         self.not_accepted: list[str] = []
         #: retries by route (http, dramatiq)
         self.retries: Counter[str] = Counter()
@@ -170,6 +210,8 @@ class Producers:
             if response.status_code in (200, 202):
                 with self.lock:
                     self.accepted[key] = ("http", response.json()["id"])
+                    if "notify" in send.body:
+                        self.notify_of[key] = send.body["notify"]
                 return None
             if response.status_code != 429 and response.status_code < 500:
                 with self.lock:
@@ -193,6 +235,8 @@ class Producers:
                 return type(exc).__name__
             with self.lock:
                 self.accepted[message.message_id] = ("dramatiq", None)
+                if "notify" in send.body:
+                    self.notify_of[message.message_id] = send.body["notify"]
                 if send.invalid:
                     self.expected_rejected.add(message.message_id)
             return None

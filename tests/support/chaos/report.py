@@ -58,6 +58,38 @@ def _outage_rows(report: ChaosReport, row: Callable[..., None]) -> None:
         _mark(not logs.unmasked))  # fmt: skip
 
 
+def _subscriber_rows(report: ChaosReport, row: Callable[..., None]) -> None:
+    """Issue 10: what the webhook receiver and the reply queue heard."""
+    for s in report.subscribers:
+        name = {"webhook": "webhooks", "dramatiq": "Dramatiq replies"}.get(s.target, s.target)
+        row(f"{name}: subscribed messages / events", f"{s.messages} / {s.expected}")
+        row("  events received", f"{s.received} of {s.expected}",
+            _mark(s.received == s.expected))  # fmt: skip
+        row("  events lost", len(s.lost), _mark(not s.lost))
+        row("  final messages without their final event", len(s.missing_final),
+            _mark(not s.missing_final))  # fmt: skip
+        if s.target == "webhook":
+            row("  signatures refused by standardwebhooks", len(s.unverified),
+                _mark(not s.unverified))  # fmt: skip
+            row("  receiver answers", _counts(s.answers))
+        row("  repeats (same event again)", s.repeats)
+        row("  id mismatches (webhook-id / unknown event)", len(s.id_mismatches),
+            _mark(not s.id_mismatches))  # fmt: skip
+        row("  per-message order", f"{len(s.order_violations)} violations",
+            _mark(not s.order_violations))  # fmt: skip
+        row("  timestamps behind an earlier event's", len(s.timestamp_inversions),
+            "outbox order kept; see details" if s.timestamp_inversions else "")  # fmt: skip
+        row("  our tries (dispatcher record)", _counts(s.tries))
+        row("  deliveries pending / dead at the end", f"{s.pending} / {s.dead}",
+            _mark(not s.pending and not s.dead))  # fmt: skip
+        row("  events drained after the last fault",
+            "-" if s.drain_after_last_fault_s is None
+            else f"{s.drain_after_last_fault_s:.1f} s", _mark(s.drained))  # fmt: skip
+    if report.subscribers:
+        row("events never sequenced", report.unsequenced_events,
+            _mark(not report.unsequenced_events))  # fmt: skip
+
+
 def format_report(report: ChaosReport) -> str:
     p = report.params
     rows: list[tuple[str, str, str]] = []
@@ -99,6 +131,7 @@ def format_report(report: ChaosReport) -> str:
     row("statuses consistent with attempts", f"{len(report.consistency_violations)} violations",
         _mark(not report.consistency_violations))  # fmt: skip
     _outage_rows(report, row)
+    _subscriber_rows(report, row)
     row("time to drain after the last fault",
         "-" if report.drain_after_last_fault_s is None
         else f"{report.drain_after_last_fault_s:.1f} s", _mark(report.drained))  # fmt: skip
@@ -157,6 +190,16 @@ def format_report(report: ChaosReport) -> str:
         f" {_pct(p.duplicate_callback_rate)} duplicated, {_pct(p.out_of_order_rate)}"
         f" out-of-order callbacks, {p.callback_retries} callback retries;"
         f" delivery timeout {p.delivery_timeout_s:g} s",
+        *(
+            [
+                f"notify on {_pct(p.notify_share)} of messages; webhook receiver:"
+                f" {_pct(p.receiver_500_rate)} 500, {_pct(p.receiver_slow_rate)} slow"
+                f" ({p.receiver_slow_ms} ms; webhook timeout {p.webhook_timeout_s:g} s),"
+                f" down {p.receiver_down_s:g} s once"
+            ]
+            if report.subscribers
+            else []
+        ),
         "",
         f"{'figure'.ljust(width)}  {'value'.ljust(vwidth)}  check",
         f"{'-' * width}  {'-' * vwidth}  -----",
@@ -181,6 +224,18 @@ def format_report(report: ChaosReport) -> str:
         ("intake answered 5xx other than 503", report.intake_5xx),
         ("tracebacks in logs", report.logs.traceback_samples if report.logs else []),
         ("unmasked recipients in logs", report.logs.unmasked if report.logs else []),
+        *(
+            item
+            for sub in report.subscribers
+            for item in (
+                (f"{sub.target}: events lost", sub.lost),
+                (f"{sub.target}: final events missing", sub.missing_final),
+                (f"{sub.target}: signatures refused", sub.unverified),
+                (f"{sub.target}: id mismatches", sub.id_mismatches),
+                (f"{sub.target}: order", sub.order_violations),
+                (f"{sub.target}: timestamps behind an earlier event's", sub.timestamp_inversions),
+            )
+        ),
     ):  # fmt: skip
         if items:
             details.append(f"{title} ({len(items)}):")
