@@ -139,6 +139,8 @@ class Settings(DatabaseSettings):
     notify_url: str | None = Field(None, alias="NOTIFY_URL")
     webhook_secret: SecretStr | None = Field(None, alias="WEBHOOK_SECRET")
     webhook_retry_horizon_s: float = Field(86400.0, alias="WEBHOOK_RETRY_HORIZON_S", gt=0)
+    #: Two tries of one delivery are never further apart than this.
+    webhook_max_backoff_s: float = Field(3600.0, alias="WEBHOOK_MAX_BACKOFF_S", gt=0)
     webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         (), alias="WEBHOOK_ALLOWED_HOSTS"
     )

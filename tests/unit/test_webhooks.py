@@ -94,3 +94,8 @@ def test_notify_url_needs_a_well_formed_secret(monkeypatch: pytest.MonkeyPatch) 
     assert "not-base64" not in str(caught.value)
     monkeypatch.setenv("WEBHOOK_SECRET", WEBHOOK_SECRET)
     assert _load(Settings).notify_url == "https://hooks.example.com/k"
+
+
+def test_backoff_steps_are_capped_by_the_setting() -> None:
+    assert all(backoff_s(t, max_s=8.0) <= 8.0 for t in range(1, 40))
+    assert backoff_s(30, max_s=8.0) >= 4.0

@@ -47,7 +47,7 @@ log = get_logger("worker.events")
 
 #: The first retry comes about this long after a failed try; each next one twice as late.
 BASE_BACKOFF_S = 1.0
-#: No two tries of one delivery are further apart than this.
+#: No two tries of one delivery are further apart than this (WEBHOOK_MAX_BACKOFF_S).
 MAX_BACKOFF_S = 3600.0
 #: A claimed delivery is tried again after this (plus the webhook timeout) if its
 #: dispatcher died mid-try: the receiver may see that try twice, with the same webhook-id.
@@ -140,9 +140,9 @@ def body(event: EventView) -> bytes:
     return json.dumps(event.model_dump(mode="json"), separators=(",", ":")).encode()
 
 
-def backoff_s(tries: int) -> float:
-    """Exponential backoff with jitter (half to all of the step)."""
-    step: float = min(MAX_BACKOFF_S, BASE_BACKOFF_S * 2.0 ** min(max(tries - 1, 0), 30))
+def backoff_s(tries: int, max_s: float = MAX_BACKOFF_S) -> float:
+    """Exponential backoff with jitter (half to all of the step), steps capped at `max_s`."""
+    step: float = min(max_s, BASE_BACKOFF_S * 2.0 ** min(max(tries - 1, 0), 30))
     return step * random.uniform(0.5, 1.0)
 
 
@@ -271,7 +271,8 @@ class EventDispatcher:
             "id": claimed.id,
             "ok": error is None,
             "now": now,
-            "next": now + timedelta(seconds=backoff_s(claimed.tries)),
+            "next": now
+            + timedelta(seconds=backoff_s(claimed.tries, self.ctx.settings.webhook_max_backoff_s)),
             "error": error,
             "http_status": status,
             "ms": ms,

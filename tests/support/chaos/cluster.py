@@ -90,6 +90,8 @@ class Cluster(processes.LocalEndpoints):
                 "LOG_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1",
                 "WEBHOOK_TIMEOUT_S": str(p.webhook_timeout_s),
+                # Retries after the receiver's outage come within the run's drain bound.
+                "WEBHOOK_MAX_BACKOFF_S": "8",
             }
         )
         env.update(self.extra_env)
