@@ -363,6 +363,7 @@ def test_a_body_of_exactly_64_kib_is_read(waiting: Waiting) -> None:
         pytest.param(b"42", "application/json", id="json-number"),
         pytest.param(b"null", "text/plain", id="json-null"),
         pytest.param(b"\xff\xfe", "application/x-www-form-urlencoded", id="not-utf8"),
+        pytest.param(b"status=delivered", "multipart/form-data", id="multipart-no-boundary"),
     ],
 )
 def test_an_unreadable_body_is_400_and_stores_nothing(

@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker import metrics
@@ -64,7 +65,10 @@ async def _fields(request: Request, body: bytes) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         request._body = body  # let Starlette parse what we already read
-        form = await request.form()
+        try:
+            form = await request.form()
+        except StarletteHTTPException as exc:  # no boundary, a broken part
+            raise Unreadable(f"malformed multipart form ({exc.detail})") from None
         fields.update({k: v for k, v in form.items() if isinstance(v, str)})
         return fields
     try:
