@@ -185,7 +185,10 @@ class CallbackShortcut:
         ):
             parts = scope["path"][len(self.PREFIX) :].split("/")
             if len(parts) == 2 and parts[0] and parts[1]:
-                response = await kodmobi_callback(parts[0], parts[1], Request(scope, receive))
+                try:
+                    response = await kodmobi_callback(parts[0], parts[1], Request(scope, receive))
+                except StarletteHTTPException as exc:  # as FastAPI's own layer answers it
+                    response = _reply(exc.status_code, str(exc.detail))
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
