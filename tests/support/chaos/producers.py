@@ -10,13 +10,14 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import dramatiq
 import httpx
 
 from tests.support.chaos.cluster import Cluster
 from tests.support.chaos.model import PHONE_CHANNELS, ChaosParams
+from worker.schemas import EventType
 
 
 @dataclass
@@ -44,15 +45,7 @@ def recipients(sends: list[PlannedSend]) -> list[str]:
 
 
 #: Every event type, for the subscribers that want them all.
-ALL_EVENTS = [
-    "message.sending",
-    "message.sent",
-    "message.delivered",
-    "message.failed",
-    "message.expired",
-    "message.rejected",
-    "message.fallback",
-]
+ALL_EVENTS = list(get_args(EventType))
 
 
 def notify_for(rng: random.Random, index: int, hook_url: str) -> dict[str, Any]:
